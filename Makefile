@@ -1,0 +1,37 @@
+# Stage targets. `make pipeline` and `make test` are the README's two commands; both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kd_setup_$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+RUN_DIR ?= runs/default
+ARGS ?=
+
+.PHONY: setup pipeline test kd worker proc qat lab
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kd_lib)" >/dev/null
+	rm -f $(VENV)/.kd_setup_*; touch $(STAMP)
+
+pipeline: setup
+	$(VENV)/bin/kd-lib pipeline --run-dir $(RUN_DIR) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -n 2 $(ARGS)
+
+kd worker: setup
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/kd_recipe.yaml --run-dir $(RUN_DIR)/kd $(ARGS)
+
+proc: setup
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/process_supervision.yaml --run-dir $(RUN_DIR)/process $(ARGS)
+
+qat: setup
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/quant_qat_int8.yaml --run-dir $(RUN_DIR)/qat $(ARGS)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser
