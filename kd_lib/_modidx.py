@@ -38,4 +38,10 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'kd_lib.device.autocast_dtype': ('device.html#autocast_dtype', 'kd_lib/device.py'),
                                'kd_lib.device.get_training_device': ('device.html#get_training_device', 'kd_lib/device.py'),
                                'kd_lib.device.seed_everything': ('device.html#seed_everything', 'kd_lib/device.py'),
-                               'kd_lib.device.set_deterministic': ('device.html#set_deterministic', 'kd_lib/device.py')}}}
+                               'kd_lib.device.set_deterministic': ('device.html#set_deterministic', 'kd_lib/device.py')},
+            'kd_lib.pipeline': { 'kd_lib.pipeline.PipelineError': ('pipeline.html#pipelineerror', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline.PipelineError.__init__': ('pipeline.html#pipelineerror.__init__', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline.Stage': ('pipeline.html#stage', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline._marker': ('pipeline.html#_marker', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline._run_notebook': ('pipeline.html#_run_notebook', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline.run_stages': ('pipeline.html#run_stages', 'kd_lib/pipeline.py')}}}
