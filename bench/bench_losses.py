@@ -1,0 +1,109 @@
+"""Peak memory and time: plain generalized JSD vs `fused_linear_kd_loss`, forward + backward from hidden states.
+
+Each configuration runs in a fresh subprocess (so ru_maxrss is its own peak). The plain path is a training step
+as written without fusion: student logits = hidden @ W.T, teacher logits = teacher_hidden @ W_t.T (no grad),
+`generalized_jsd`, backward. The fused path gets the same loss and gradients chunk by chunk.
+
+    .venv/bin/python bench/bench_losses.py                 # 1024/4096 tokens x 32k/128k vocab, hidden 512
+    .venv/bin/python bench/bench_losses.py --tokens 256 --vocabs 8192 --repeats 1   # quick check
+
+A subprocess runs under an address-space limit (`--mem-limit-gb`), so a configuration that would not fit
+reports OOM instead of starving the machine.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def fused_chunk_size(vocab: int, elements: int) -> int:
+    "Tokens per chunk so that one [chunk, V] fp32 tensor has about `elements` entries."
+    return max(8, elements // vocab)
+
+
+def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chunk_elements: int) -> dict:
+    "One configuration in this process: median time of forward+backward and the peak RSS."
+    from kd_lib.fused import fused_linear_kd_loss
+    from kd_lib.losses import generalized_jsd
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = (torch.randn(vocab, hidden) * hidden ** -0.5).requires_grad_()
+    teacher_h, teacher_w = torch.randn(tokens, hidden), torch.randn(vocab, hidden) * hidden ** -0.5
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[torch.rand(tokens) < 0.1] = -100
+    setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def step():
+        h.grad = w.grad = None
+        if method == 'plain':
+            logits = h @ w.T
+            with torch.no_grad(): teacher_logits = teacher_h @ teacher_w.T
+            loss = generalized_jsd(logits, teacher_logits, labels, beta=0.5)
+        else:
+            loss, _ = fused_linear_kd_loss(h, w, labels, teacher_hidden=teacher_h, teacher_head_weight=teacher_w,
+                                           beta=0.5, chunk_size=fused_chunk_size(vocab, chunk_elements))
+        loss.backward()
+        return loss.item()
+
+    times, loss = [], step()  # warm-up
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(loss=loss, time_s=statistics.median(times), peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                setup_mb=setup_mb)
+
+
+def spawn(method, tokens, vocab, args) -> dict:
+    "Run one configuration in a fresh interpreter under the memory limit."
+    cmd = [sys.executable, __file__, '--worker', method, '--tokens', str(tokens), '--vocabs', str(vocab),
+           '--hidden', str(args.hidden), '--repeats', str(args.repeats), '--chunk-elements', str(args.chunk_elements),
+           '--mem-limit-gb', str(args.mem_limit_gb)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        oom = 'memory' in proc.stderr.lower() or proc.returncode < 0
+        return dict(error='OOM' if oom else f'failed: {proc.stderr.strip().splitlines()[-1:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(result, key, unit):
+    return f"{result[key]:9.{2 if unit == 's' else 0}f}{unit}" if 'error' not in result else f"{result['error']:>10}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--tokens', type=int, nargs='+', default=[1024, 4096])
+    parser.add_argument('--vocabs', type=int, nargs='+', default=[32768, 131072])
+    parser.add_argument('--hidden', type=int, default=512, help='hidden size of student and teacher')
+    parser.add_argument('--repeats', type=int, default=3, help='timed repeats after one warm-up')
+    parser.add_argument('--chunk-elements', type=int, default=2 ** 22, help='fused chunk = this many fp32 logits')
+    parser.add_argument('--mem-limit-gb', type=float, default=14.0, help='address-space limit of each subprocess')
+    parser.add_argument('--worker', choices=['plain', 'fused'], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        limit = int(args.mem_limit_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(run_one(args.worker, args.tokens[0], args.vocabs[0], args.hidden, args.repeats, args.chunk_elements)))
+        return
+    print(f'hidden {args.hidden}, fp32, generalized JSD beta=0.5, fused chunk = {args.chunk_elements} logits, '
+          f'median of {args.repeats} after a warm-up, torch threads 2, limit {args.mem_limit_gb} GB per run')
+    print(f"{'vocab':>7} {'tokens':>6} | {'plain peak':>10} {'fused peak':>10} {'fused/plain':>11} | "
+          f"{'plain time':>10} {'fused time':>10} {'fused/plain':>11}")
+    for vocab in args.vocabs:
+        for tokens in args.tokens:
+            plain, fused = spawn('plain', tokens, vocab, args), spawn('fused', tokens, vocab, args)
+            ok = 'error' not in plain and 'error' not in fused
+            mem_ratio = f"{fused['peak_mb'] / plain['peak_mb']:11.3f}" if ok else f"{'-':>11}"
+            time_ratio = f"{fused['time_s'] / plain['time_s']:11.3f}" if ok else f"{'-':>11}"
+            print(f"{vocab:>7} {tokens:>6} | {fmt(plain, 'peak_mb', 'M')} {fmt(fused, 'peak_mb', 'M')} {mem_ratio} | "
+                  f"{fmt(plain, 'time_s', 's')} {fmt(fused, 'time_s', 's')} {time_ratio}", flush=True)
+
+
+if __name__ == '__main__':
+    main()
