@@ -4,7 +4,7 @@ Each configuration runs in a fresh subprocess (so ru_maxrss is its own peak). Th
 as written without fusion: student logits = hidden @ W.T, teacher logits = teacher_hidden @ W_t.T (no grad),
 `generalized_jsd`, backward. The fused path gets the same loss and gradients chunk by chunk.
 
-    .venv/bin/python bench/bench_losses.py                 # 1024/4096 tokens x 32k/128k vocab, hidden 512
+    .venv/bin/python bench/bench_losses.py                 # 1024/4096 tokens x 32k/128k vocab, hidden 512 (~10 min)
     .venv/bin/python bench/bench_losses.py --tokens 256 --vocabs 8192 --repeats 1   # quick check
 
 A subprocess runs under an address-space limit (`--mem-limit-gb`), so a configuration that would not fit
@@ -33,8 +33,8 @@ def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chu
     torch.manual_seed(0)
     torch.set_num_threads(2)
     h = torch.randn(tokens, hidden, requires_grad=True)
-    w = (torch.randn(vocab, hidden) * hidden ** -0.5).requires_grad_()
-    teacher_h, teacher_w = torch.randn(tokens, hidden), torch.randn(vocab, hidden) * hidden ** -0.5
+    w = torch.randn(vocab, hidden).mul_(hidden ** -0.5).requires_grad_()  # in place: no transient [V, D] copy
+    teacher_h, teacher_w = torch.randn(tokens, hidden), torch.randn(vocab, hidden).mul_(hidden ** -0.5)
     labels = torch.randint(0, vocab, (tokens,))
     labels[torch.rand(tokens) < 0.1] = -100
     setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -60,7 +60,7 @@ def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chu
                 setup_mb=setup_mb)
 
 
-def spawn(method, tokens, vocab, args) -> dict:
+def spawn(method: str, tokens: int, vocab: int, args) -> dict:
     "Run one configuration in a fresh interpreter under the memory limit."
     cmd = [sys.executable, __file__, '--worker', method, '--tokens', str(tokens), '--vocabs', str(vocab),
            '--hidden', str(args.hidden), '--repeats', str(args.repeats), '--chunk-elements', str(args.chunk_elements),
@@ -73,6 +73,7 @@ def spawn(method, tokens, vocab, args) -> dict:
 
 
 def fmt(result, key, unit):
+    "A right-aligned number with its unit, or the run's error."
     return f"{result[key]:9.{2 if unit == 's' else 0}f}{unit}" if 'error' not in result else f"{result['error']:>10}"
 
 
@@ -81,9 +82,9 @@ def main():
     parser.add_argument('--tokens', type=int, nargs='+', default=[1024, 4096])
     parser.add_argument('--vocabs', type=int, nargs='+', default=[32768, 131072])
     parser.add_argument('--hidden', type=int, default=512, help='hidden size of student and teacher')
-    parser.add_argument('--repeats', type=int, default=3, help='timed repeats after one warm-up')
-    parser.add_argument('--chunk-elements', type=int, default=2 ** 22, help='fused chunk = this many fp32 logits')
-    parser.add_argument('--mem-limit-gb', type=float, default=14.0, help='address-space limit of each subprocess')
+    parser.add_argument('--repeats', type=int, default=2, help='timed repeats after one warm-up')
+    parser.add_argument('--chunk-elements', type=int, default=2 ** 23, help='fused chunk = this many fp32 logits')
+    parser.add_argument('--mem-limit-gb', type=float, default=12.0, help='address-space limit of each subprocess')
     parser.add_argument('--worker', choices=['plain', 'fused'], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -93,16 +94,19 @@ def main():
         return
     print(f'hidden {args.hidden}, fp32, generalized JSD beta=0.5, fused chunk = {args.chunk_elements} logits, '
           f'median of {args.repeats} after a warm-up, torch threads 2, limit {args.mem_limit_gb} GB per run')
+    print('peak = ru_maxrss of the run; above setup = peak minus the RSS once the inputs and weights exist')
     print(f"{'vocab':>7} {'tokens':>6} | {'plain peak':>10} {'fused peak':>10} {'fused/plain':>11} | "
-          f"{'plain time':>10} {'fused time':>10} {'fused/plain':>11}")
+          f"{'plain above':>11} {'fused above':>11} {'fused/plain':>11} | {'plain time':>10} {'fused time':>10} {'fused/plain':>11}")
     for vocab in args.vocabs:
         for tokens in args.tokens:
             plain, fused = spawn('plain', tokens, vocab, args), spawn('fused', tokens, vocab, args)
             ok = 'error' not in plain and 'error' not in fused
-            mem_ratio = f"{fused['peak_mb'] / plain['peak_mb']:11.3f}" if ok else f"{'-':>11}"
-            time_ratio = f"{fused['time_s'] / plain['time_s']:11.3f}" if ok else f"{'-':>11}"
-            print(f"{vocab:>7} {tokens:>6} | {fmt(plain, 'peak_mb', 'M')} {fmt(fused, 'peak_mb', 'M')} {mem_ratio} | "
-                  f"{fmt(plain, 'time_s', 's')} {fmt(fused, 'time_s', 's')} {time_ratio}", flush=True)
+            for r in (plain, fused):
+                if 'error' not in r: r['above_mb'] = r['peak_mb'] - r['setup_mb']
+            ratio = lambda key: f"{fused[key] / plain[key]:11.3f}" if ok else f"{'-':>11}"
+            print(f"{vocab:>7} {tokens:>6} | {fmt(plain, 'peak_mb', 'M')} {fmt(fused, 'peak_mb', 'M')} {ratio('peak_mb')} | "
+                  f"{fmt(plain, 'above_mb', 'M'):>11} {fmt(fused, 'above_mb', 'M'):>11} {ratio('above_mb')} | "
+                  f"{fmt(plain, 'time_s', 's')} {fmt(fused, 'time_s', 's')} {ratio('time_s')}", flush=True)
 
 
 if __name__ == '__main__':

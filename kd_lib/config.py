@@ -7,9 +7,10 @@ __all__ = ['ConfigError', 'ModelConfig', 'TeacherConfig', 'DataConfig', 'Distill
            'LatentConfig', 'CodeModeConfig', 'TrainingConfig', 'CheckpointConfig', 'TracingConfig', 'QATConfig',
            'Config', 'config_from_dict', 'load_config', 'config_reference']
 
-# %% ../nbs/01_config.ipynb #0d15f769
+# %% ../nbs/01_config.ipynb #012b8b11
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-# %% ../nbs/01_config.ipynb #df00ebf8
+# %% ../nbs/01_config.ipynb #503a3d3f
 class ConfigError(ValueError):
     "A config file or override is invalid; the message names the file and the dotted key."
 
@@ -26,7 +27,7 @@ def _key(default, doc: str, ge=None, gt=None, le=None):
     kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
     return field(metadata=dict(doc=doc, ge=ge, gt=gt, le=le), **kw)
 
-# %% ../nbs/01_config.ipynb #c6b04831
+# %% ../nbs/01_config.ipynb #14ad9a04
 @dataclass(frozen=True)
 class ModelConfig:
     "Architecture of a decoder-only causal LM (student or embedded teacher)."
@@ -179,7 +180,7 @@ class QATConfig:
     per_channel: bool = _key(True, 'per-output-channel weight scales')
     student_path: str = _key('', 'full-precision student folder to quantize')
 
-# %% ../nbs/01_config.ipynb #6afc6cc0
+# %% ../nbs/01_config.ipynb #727d9880
 @dataclass(frozen=True)
 class Config:
     "A whole kd_lib run."
@@ -208,7 +209,7 @@ class Config:
         "A copy with dotted overrides applied, e.g. `cfg.override('training.steps=5')`."
         return config_from_dict(self.to_dict(), overrides=overrides)
 
-# %% ../nbs/01_config.ipynb #76e5b8fc
+# %% ../nbs/01_config.ipynb #9eaf0de2
 def _fail(sources: dict, key: str, msg: str):
     src = sources.get(key) or next((s for k, s in sources.items() if k.startswith(key + '.')), '<defaults>')
     raise ConfigError(f'{src}: {key}: {msg}')
@@ -251,7 +252,19 @@ def _build(cls, raw, sources, prefix=''):
     for name, msg in getattr(obj, '_check', lambda: ())(): _fail(sources, prefix + name, msg)
     return obj
 
-# %% ../nbs/01_config.ipynb #8c7a8722
+# %% ../nbs/01_config.ipynb #c6d70330
+class _Loader(yaml.SafeLoader):
+    "SafeLoader that also reads `1e-3` and `5E+2` as floats."
+
+_Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$''', re.X), list('-+0123456789.'))
+
+def _yaml_load(text: str): return yaml.load(text, Loader=_Loader)
+
+# %% ../nbs/01_config.ipynb #731ca21f
 def _merge(base: dict, new: dict, source: str, sources: dict, prefix=''):
     "Deep-merge `new` into `base` in place, recording where each key came from."
     for k, v in new.items():
@@ -272,7 +285,7 @@ def _parse_override(text: str) -> dict:
     if '=' not in text: raise ConfigError(f"{src}: expected 'dotted.key=value'")
     key, _, value = text.partition('=')
     key = key.strip()
-    try: parsed = yaml.safe_load(value) if value.strip() else ''
+    try: parsed = _yaml_load(value) if value.strip() else ''
     except yaml.YAMLError as e: raise ConfigError(f'{src}: {key}: value is not valid YAML ({e})') from None
     nested = parsed
     for part in reversed(key.split('.')): nested = {part: nested}
@@ -281,7 +294,7 @@ def _parse_override(text: str) -> dict:
 def _read_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file(): raise ConfigError(f'{path}: config file not found')
-    try: raw = yaml.safe_load(path.read_text(encoding='utf-8'))
+    try: raw = _yaml_load(path.read_text(encoding='utf-8'))
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f'line {mark.line + 1}, column {mark.column + 1}' if mark else 'unknown line'
@@ -291,7 +304,7 @@ def _read_yaml(path) -> dict:
     if not isinstance(raw, dict): raise ConfigError(f'{path}: <root>: expected a mapping of sections, got {type(raw).__name__}')
     return raw
 
-# %% ../nbs/01_config.ipynb #fed8be1b
+# %% ../nbs/01_config.ipynb #f5b14003
 def config_from_dict(raw: dict, # nested sections, e.g. {'training': {'steps': 5}}
                      overrides=(), # dotted 'key=value' strings applied on top
                      source: str = '<dict>', # name used in error messages
@@ -311,7 +324,7 @@ def load_config(*paths, # YAML files, merged in order (later wins)
     for o in overrides: _merge(merged, _parse_override(o), f'override {o!r}', sources)
     return _build(Config, merged, sources)
 
-# %% ../nbs/01_config.ipynb #396d7697
+# %% ../nbs/01_config.ipynb #4b47fac9
 def config_reference() -> str:
     "A markdown table of every config key, its default and what it does."
     rows = ['| key | default | meaning |', '|---|---|---|']

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / '.venv' / 'bin'
+
+# Tiny everything: a pipeline or CLI run in seconds on a shared 2-core CPU.
+TINY = ['data.synth_train_episodes=160', 'data.synth_eval_episodes=8', 'data.vocab_size=512', 'data.max_length=256',
+        'model.vocab_size=512', 'model.d_model=32', 'model.n_layers=1', 'model.n_heads=2', 'model.n_kv_heads=1',
+        'model.max_seq_len=256', 'training.steps=4', 'training.batch_size=4', 'training.warmup_steps=1',
+        'training.eval_every=2', 'training.eval_examples=4', 'training.device=cpu', 'checkpoint.save_every=2',
+        'checkpoint.min_free_space_gb=0', 'tracing.tensorboard=false', 'tracing.progress=false', 'tracing.log_every=1',
+        'teacher.topk=4']
+
+
+def tiny_data(folder: Path) -> list:
+    "Overrides pointing the data section at `folder` (generated on first use)."
+    return [f'data.train_path={folder}/train.jsonl', f'data.eval_path={folder}/eval.jsonl', f'data.tokenizer_path={folder}/tokenizer.json']
+
+
+@pytest.fixture
+def cli_env():
+    "Environment for CLI subprocesses: one thread each, no wandb network."
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled'}

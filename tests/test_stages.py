@@ -1,0 +1,37 @@
+"The default pipeline and every stage notebook, executed by papermill on a tiny config."
+import json
+
+import papermill as pm
+
+from conftest import ROOT, TINY
+from kd_lib.pipeline import run_default_pipeline
+from kd_lib.tracing import read_metrics
+
+
+def test_default_pipeline_and_answer_stage_tiny(tmp_path):
+    run_dir = tmp_path / 'default'
+    records = run_default_pipeline(run_dir, TINY)
+    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'report']
+    for stage in ('teacher', 'ce', 'kd', 'kd_process'):
+        assert (run_dir / stage / 'final' / 'model.safetensors').exists(), stage
+        assert (run_dir / 'notebooks' / f'{stage}.ipynb').exists(), stage
+        assert [r['step'] for r in read_metrics(run_dir / stage, split='eval', latest_only=True)] == [2, 4], stage
+    kd = read_metrics(run_dir / 'kd', split='train')
+    ce = read_metrics(run_dir / 'ce', split='train')
+    assert all(r['kd'] > 0 for r in kd) and all(r['kd'] == 0 for r in ce)
+    text = (run_dir / 'results.md').read_text()
+    assert '| kd_process |' in text and (run_dir / 'results_metrics.png').exists()
+    assert json.loads((run_dir / 'teacher_cache' / 'manifest.json').read_text())['k'] == 4
+    # a rerun resumes: every stage is already done
+    assert run_default_pipeline(run_dir, TINY) == records
+
+    # the answer stage (not part of the default pipeline) on the pipeline's data and teacher cache
+    data = run_dir / 'data'
+    params = {'config_paths': [str(ROOT / 'configs/student_cpu.yaml'), str(ROOT / 'configs/kd_recipe.yaml')],
+              'overrides': [f'data.train_path={data}/train.jsonl', f'data.eval_path={data}/eval.jsonl',
+                            f'data.tokenizer_path={data}/tokenizer.json', 'training.stage=answer', 'teacher.kind=cache',
+                            f'teacher.path={run_dir}/teacher_cache', *TINY],
+              'run_dir': str(tmp_path / 'answer')}
+    pm.execute_notebook(str(ROOT / 'nbs/run_answer.ipynb'), str(tmp_path / 'answer.ipynb'), parameters=params,
+                        cwd=str(ROOT / 'nbs'), progress_bar=False)
+    assert (tmp_path / 'answer' / 'final' / 'model.safetensors').exists()
