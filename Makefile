@@ -3,7 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kd_setup_$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 RUN_DIR ?= runs/default
+STAGE_DIR ?= runs/stages
 ARGS ?=
+# stage targets (into $(STAGE_DIR)) reuse the default pipeline's corpus, tokenizer and teacher (run `make pipeline` first)
+DATA := data.train_path=$(RUN_DIR)/data/train.jsonl data.eval_path=$(RUN_DIR)/data/eval.jsonl data.tokenizer_path=$(RUN_DIR)/data/tokenizer.json teacher.path=$(RUN_DIR)/teacher/final
 
 .PHONY: setup pipeline test kd worker proc qat lab
 
@@ -25,13 +28,13 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(ARGS)
 
 kd worker: setup
-	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/kd_recipe.yaml --run-dir $(RUN_DIR)/kd $(ARGS)
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/kd_recipe.yaml --run-dir $(STAGE_DIR)/kd --set $(DATA) $(ARGS)
 
 proc: setup
-	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/process_supervision.yaml --run-dir $(RUN_DIR)/process $(ARGS)
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/process_supervision.yaml --run-dir $(STAGE_DIR)/process --set $(DATA) $(ARGS)
 
 qat: setup
-	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/quant_qat_int8.yaml --run-dir $(RUN_DIR)/qat $(ARGS)
+	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/quant_qat_int8.yaml --run-dir $(STAGE_DIR)/qat --set $(DATA) $(ARGS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser

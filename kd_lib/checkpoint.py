@@ -187,7 +187,9 @@ def _read_checkpoint(path: Path) -> dict:
         reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CorruptCheckpointError(f'{path / STATE_FILE}: refused to load: it holds something torch.load(weights_only=True) '
                                      f'does not allow, such as a pickled object ({reason})') from None
-    if MODEL_FILE in meta['files']: state['model'] = _load_model_file(path / MODEL_FILE)
+    if MODEL_FILE in meta['files']:
+        try: state['model'] = _load_model_file(path / MODEL_FILE)
+        except Exception as e: raise CorruptCheckpointError(f'{path / MODEL_FILE}: refused to load: not a valid safetensors file ({e})') from None
     return state
 
 def _check_expected(state: dict, expect: dict | None, force: bool, path: Path):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['USER_ERRORS', 'build_parser', 'main']
 
-# %% ../nbs/90_cli.ipynb #0f9b609d
+# %% ../nbs/90_cli.ipynb #02bd320c
 import argparse
 import logging
 import sys
@@ -15,13 +15,12 @@ from .config import ConfigError, load_config
 from .dataset import DataError
 from .device import DeviceError
 from .evaluate import add_eval_arguments, eval_main
-from .pipeline import PipelineError, run_default_pipeline
 from .recipes import run_stage
 from .teacher_cache import TeacherCacheError
 from .tokenizer import TokenizerError
 
-# %% ../nbs/90_cli.ipynb #1950c577
-USER_ERRORS = (ConfigError, DataError, TokenizerError, TeacherCacheError, CheckpointError, DeviceError, PipelineError)
+# %% ../nbs/90_cli.ipynb #2f110c38
+USER_ERRORS = (ConfigError, DataError, TokenizerError, TeacherCacheError, CheckpointError, DeviceError)  # and PipelineError
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `kd-lib`."
@@ -46,17 +45,23 @@ def _train(args) -> int:
     print(f'kd-lib: {result.status} at step {result.step}' + (f': {result.reason}' if result.reason else ''))
     return 1 if result.status == 'nonfinite' else 0
 
+def _pipeline(args) -> int:
+    from kd_lib.pipeline import PipelineError, run_default_pipeline  # papermill takes seconds to import: `train` skips it
+    try: run_default_pipeline(args.run_dir, args.overrides)
+    except PipelineError as e: return _user_error(e)
+    return 0
+
+def _user_error(e: Exception) -> int:
+    print(f'kd-lib: error: {e}', file=sys.stderr)
+    return 2
+
 def main(argv=None) -> int:
     "Entry point of the `kd-lib` console script."
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         if args.command == 'train': return _train(args)
-        if args.command == 'pipeline':
-            run_default_pipeline(args.run_dir, args.overrides)
-            return 0
+        if args.command == 'pipeline': return _pipeline(args)
         eval_main(args)
         return 0
-    except USER_ERRORS as e:
-        print(f'kd-lib: error: {e}', file=sys.stderr)
-        return 2
+    except USER_ERRORS as e: return _user_error(e)

@@ -85,7 +85,7 @@ class DistillationConfig:
     ce_weight: float = _key(0.0, 'weight of the cross-entropy on the data labels', ge=0)
     topk_tail: Literal['renorm', 'bucket'] = _key('bucket', "cached top-k teacher: 'renorm' the k entries or keep the missing mass as one 'bucket'")
     fused: bool = _key(True, 'compute the loss chunk by chunk from hidden states (never the full logits)')
-    chunk_size: int = _key(1024, 'tokens per chunk of the fused loss', ge=1)
+    chunk_size: int = _key(0, 'kept tokens per chunk of the fused loss; 0 = auto from the vocabulary (about 4M logits a chunk)', ge=0)
     intermediate_weight: float = _key(0.0, 'weight of the hidden-state matching loss', ge=0)
     intermediate_loss: Literal['mse', 'cosine'] = _key('mse', 'hidden-state matching loss')
     layer_map: list[int] = _key([], 'teacher layer for each student layer; empty means uniform')

@@ -9,7 +9,7 @@ __all__ = ['METRICS', 'KL_SPANS', 'TABLE_KEYS', 'flatten_arguments', 'same_leaf'
            'reference_text_metrics', 'evaluate_model', 'metrics_table', 'plot_metrics', 'save_eval_report',
            'evaluate_models', 'add_eval_arguments', 'parse_model_specs', 'eval_main']
 
-# %% ../nbs/50_evaluate.ipynb #5dba1229
+# %% ../nbs/50_evaluate.ipynb #89adf840
 import argparse
 import json
 import math
@@ -31,9 +31,9 @@ from .losses import IGNORE_INDEX, forward_kl
 from .models import StudentLM
 from .synth import run_tool
 from .teachers import CheckpointTeacher
-from .tokenizer import BOS, EOS, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer, load_tokenizer
+from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer, load_tokenizer
 
-# %% ../nbs/50_evaluate.ipynb #ee9e4d3a
+# %% ../nbs/50_evaluate.ipynb #96c9d2d9
 def flatten_arguments(value, # a JSON value: dict, list or leaf
                       prefix: str = '', # dotted path of `value` itself
                      ) -> dict: # dotted path -> leaf value
@@ -49,7 +49,7 @@ def same_leaf(a, b) -> bool:
     "Equal JSON leaves of the same kind (booleans are not numbers)."
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
-# %% ../nbs/50_evaluate.ipynb #f1a93f90
+# %% ../nbs/50_evaluate.ipynb #01fdc3dd
 def needed_calls(reference: dict # episode metadata
                 ) -> list: # the reference calls the answer needs
     "The first `needed_calls` recorded calls (a redundant episode's extra call is not expected)."
@@ -82,7 +82,7 @@ def quotes_all(answer: str, # generated final answer
     found = {answer[a:b] for a, b in integration_spans(answer, values)}
     return all(v in found for v in values)
 
-# %% ../nbs/50_evaluate.ipynb #26d6b7fb
+# %% ../nbs/50_evaluate.ipynb #75a3daa8
 @dataclass
 class EpisodeScore:
     "Counts from one episode; `summarize` adds them over episodes."
@@ -107,7 +107,7 @@ def _field_counts(generated: dict, reference: dict, same_tool: bool) -> tuple:
     tp = sum(1 for k, v in gen.items() if same_tool and k in ref and same_leaf(v, ref[k]))
     return tp, len(gen) - tp, len(ref) - tp
 
-# %% ../nbs/50_evaluate.ipynb #cb71e4c6
+# %% ../nbs/50_evaluate.ipynb #e7196e42
 def score_episode(reference: dict, # episode metadata: `calls` [{name, arguments, result}], `answer`, `kind`
                   transcript: str, # generated text after the prompt (special tokens kept)
                   generated_tokens: int = 0, # model tokens generated for it
@@ -134,7 +134,7 @@ def score_episode(reference: dict, # episode metadata: `calls` [{name, arguments
     s.answer_exact = normalize_answer(answer) == normalize_answer(reference.get('answer', ''))
     return s
 
-# %% ../nbs/50_evaluate.ipynb #7932ea7d
+# %% ../nbs/50_evaluate.ipynb #43e3e265
 METRICS = ('tool_name_accuracy', 'json_validity', 'argument_exact_match', 'argument_field_f1', 'integration_accuracy',
            'no_tool_precision', 'no_tool_recall', 'answer_exact_match')  # the rates in [0, 1], in table order
 
@@ -161,7 +161,7 @@ def summarize(scores: list, # EpisodeScore per episode
         'tokens_per_second': _ratio(total['generated_tokens'], seconds) if seconds else None,
     }
 
-# %% ../nbs/50_evaluate.ipynb #89e81ac6
+# %% ../nbs/50_evaluate.ipynb #f0d92b97
 def load_eval_rows(path_or_rows, # KD-format JSONL path, or a list of rows
                    max_examples: int | None = None, # keep only the first rows
                   ) -> list: # rows {'prompt', 'teacher_text', 'metadata'}
@@ -183,7 +183,7 @@ def load_eval_rows(path_or_rows, # KD-format JSONL path, or a list of rows
         if 'answer' not in r.get('metadata', {}): raise ValueError(f'row {i}: metadata.answer: missing: evaluation needs the reference answer')
     return rows
 
-# %% ../nbs/50_evaluate.ipynb #e80394e1
+# %% ../nbs/50_evaluate.ipynb #a4bc9a8b
 def resolve_tool_result(reference: dict, # episode metadata with the recorded `calls`
                         call, # kd_lib.extractors.ToolCall parsed from the generation, or None
                        ) -> dict: # the JSON result to inject
@@ -198,7 +198,7 @@ def render_tool_result(result: dict) -> str:
     "The tool-result block appended to the transcript."
     return f'{TOOL_RESULT}{json.dumps(result, ensure_ascii=False)}{TOOL_RESULT_END}'
 
-# %% ../nbs/50_evaluate.ipynb #d93a1bfd
+# %% ../nbs/50_evaluate.ipynb #2df9726f
 @dataclass
 class Rollout:
     "One episode's generation."
@@ -206,6 +206,7 @@ class Rollout:
     generated_tokens: int # tokens the model produced (injected results excluded)
     tool_calls: int # tool results injected
     stop: str # 'eos', 'max_new_tokens', 'max_tool_calls' or 'max_seq_len'
+    context_tokens: int = 0 # positions the episode took after the prompt: generated tokens, latent slots, injected results
 
 def _left_pad(seqs: list, pad_id: int, device) -> tuple:
     "Left-pad token lists into (ids [B, T], attention mask [B, T])."
@@ -214,7 +215,13 @@ def _left_pad(seqs: list, pad_id: int, device) -> tuple:
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
-# %% ../nbs/50_evaluate.ipynb #bb5dc8bf
+# %% ../nbs/50_evaluate.ipynb #3d8d92c7
+def _halt_mask(model, cache, fed: list, halted: torch.Tensor, threshold: float, result_end_id: int) -> torch.Tensor:
+    "Rows that halt: already halted, or just fed </tool_result> with a halt probability >= threshold."
+    at_boundary = torch.tensor([t == result_end_id for t in fed], device=halted.device)
+    halt_prob = torch.sigmoid(model.halt_head(cache.next_hidden).squeeze(-1).float())
+    return halted | (at_boundary & (halt_prob >= threshold))
+
 @torch.no_grad()
 def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
                   tokenizer, # tokenizers.Tokenizer with kd_lib's special tokens
@@ -222,41 +229,59 @@ def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
                   max_new_tokens: int = 128, # model tokens per row
                   max_tool_calls: int = 4, # tool results injected per row
                   device=None, # default: the model's device
+                  halt_threshold: float | None = None, # the halt head decides at tool-result boundaries (None: it does not)
+                  latent_slots: int = 0, # latent slots fed after each <bot> the model writes (0: none)
+                  resolve_result=None, # (metadata, call) -> result dict; default `resolve_tool_result`
                  ) -> list: # a Rollout per row
     "Greedy KV-cached generation with tool results injected after each `</tool_call>`."
     model.eval()
+    resolve_result = resolve_result or resolve_tool_result
     tok = backend_tokenizer(tokenizer)
-    special = {t: tok.token_to_id(t) for t in (BOS, EOS, PAD, TOOL_CALL_END)}
+    special = {t: tok.token_to_id(t) for t in (BOS, EOS, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT_END, BOT, EOT)}
     if None in special.values(): raise ValueError(f'tokenizer lacks special tokens {[t for t, i in special.items() if i is None]}')
     device = device or next(model.parameters()).device
     prompts = [[special[BOS]] + tok.encode(r['prompt'], add_special_tokens=False).ids for r in rows]
     cache, logits = model.prefill(*_left_pad(prompts, special[PAD], device))
     out, stop, pending = [[] for _ in rows], [None] * len(rows), [[] for _ in rows]
-    generated, calls = [0] * len(rows), [0] * len(rows)
+    generated, calls, latent_left, slots = [0] * len(rows), [0] * len(rows), [0] * len(rows), [0] * len(rows)
+    halted = torch.zeros(len(rows), dtype=torch.bool, device=device)
     while cache.length < model.cfg.max_seq_len:
-        feed = []
+        if halted.any(): logits = logits.masked_fill(halted[:, None] & (torch.arange(logits.shape[-1], device=device) == special[TOOL_CALL]), float('-inf'))
+        feed, latent = [], [False] * len(rows)
         for b, token in enumerate(logits.argmax(-1).tolist()):
             if not stop[b] and not pending[b] and generated[b] == max_new_tokens: stop[b] = 'max_new_tokens'
             if stop[b]: feed.append(special[PAD]); continue
-            if pending[b]: token = pending[b].pop(0)  # the rest of an injected tool result
+            if latent_left[b]:  # a latent slot: the previous hidden state is the input
+                latent[b], latent_left[b], generated[b], slots[b] = True, latent_left[b] - 1, generated[b] + 1, slots[b] + 1
+                if not latent_left[b]: pending[b] = [special[EOT]]
+                feed.append(special[PAD]); continue
+            if pending[b]: token = pending[b].pop(0)  # the rest of an injected tool result (or the <eot> after latent slots)
             else:
                 generated[b] += 1
                 if token == special[EOS]: stop[b] = 'eos'
+                elif token == special[BOT] and latent_slots: latent_left[b] = latent_slots
                 elif token == special[TOOL_CALL_END] and calls[b] == max_tool_calls: stop[b] = 'max_tool_calls'
                 elif token == special[TOOL_CALL_END]:
                     parsed = extract_tool_calls(tok.decode(out[b] + [token], skip_special_tokens=False))
-                    result = resolve_tool_result(rows[b]['metadata'], parsed[-1] if len(parsed) > calls[b] else None)
+                    result = resolve_result(rows[b]['metadata'], parsed[-1] if len(parsed) > calls[b] else None)
                     pending[b] = tok.encode(render_tool_result(result), add_special_tokens=False).ids
                     calls[b] += 1
             out[b].append(token)
             feed.append(special[PAD] if stop[b] else token)
         if all(stop): break
         live = torch.tensor([[not s] for s in stop], dtype=torch.long, device=device)
-        logits = model.step(torch.tensor(feed, device=device)[:, None], cache, live)
+        ids = torch.tensor(feed, device=device)[:, None]
+        if any(latent):
+            embeds = model.get_input_embeddings()(ids)
+            rows_latent = torch.tensor(latent, device=device)
+            embeds[rows_latent, 0] = cache.next_hidden[rows_latent].to(embeds.dtype)
+            logits = model.step(ids, cache, live, inputs_embeds=embeds)
+        else: logits = model.step(ids, cache, live)
+        if halt_threshold is not None: halted = _halt_mask(model, cache, feed, halted, halt_threshold, special[TOOL_RESULT_END])
     stop = [s or 'max_seq_len' for s in stop]
-    return [Rollout(tok.decode(o, skip_special_tokens=False), g, c, s) for o, g, c, s in zip(out, generated, calls, stop)]
+    return [Rollout(tok.decode(o, skip_special_tokens=False), g, c, s, len(o) + n) for o, g, c, s, n in zip(out, generated, calls, stop, slots)]
 
-# %% ../nbs/50_evaluate.ipynb #d6c06f99
+# %% ../nbs/50_evaluate.ipynb #64aea88e
 KL_SPANS = {'kl_to_teacher': None, 'kl_tool_name': 'tool_name_mask', 'kl_arguments': 'json_argument_mask',
             'kl_integration': 'integration_mask'}  # summary key -> batch mask (None: every labelled token)
 
@@ -291,7 +316,7 @@ def reference_text_metrics(model, # StudentLM-like: model(ids, mask).logits
     if teacher is not None: out.update({k: _ratio(kl[k], counts[k]) for k in KL_SPANS})
     return out
 
-# %% ../nbs/50_evaluate.ipynb #0fdd6967
+# %% ../nbs/50_evaluate.ipynb #c31096b0
 def evaluate_model(model, # StudentLM-like (prefill / step / forward)
                    tokenizer, # tokenizers.Tokenizer with kd_lib's special tokens
                    eval_path_or_rows, # held-out JSONL path or list of rows
@@ -303,6 +328,9 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
                    device=None, # default: the model's device
                    progress: bool = False, # tqdm bar over batches
                    keep_rollouts: bool = False, # also return each row's Rollout (as dicts) under 'rollouts'
+                   halt_threshold: float | None = None, # the halt head decides at tool-result boundaries (see `rollout_batch`)
+                   latent_slots: int = 0, # latent slots after each <bot> (see `rollout_batch`)
+                   resolve_result=None, # (metadata, call) -> result; default `resolve_tool_result`
                   ) -> dict: # the summary (see `summarize`) plus perplexity, kl_*, stops
     "Generate with tool execution on held-out episodes and score the transcripts."
     rows = load_eval_rows(eval_path_or_rows, max_examples)
@@ -314,7 +342,8 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
     start_time = time.perf_counter()
     for start in tqdm(range(0, len(rows), batch_size), desc='eval', disable=not progress):
         idx = order[start:start + batch_size]
-        for i, rollout in zip(idx, rollout_batch(model, tokenizer, [rows[i] for i in idx], max_new_tokens, max_tool_calls, device)):
+        for i, rollout in zip(idx, rollout_batch(model, tokenizer, [rows[i] for i in idx], max_new_tokens, max_tool_calls, device,
+                                                  halt_threshold, latent_slots, resolve_result)):
             rollouts[i] = rollout
     seconds = time.perf_counter() - start_time
     summary = summarize([score_episode(r['metadata'], ro.transcript, ro.generated_tokens) for r, ro in zip(rows, rollouts)], seconds)
@@ -323,7 +352,7 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
     if keep_rollouts: summary['rollouts'] = [asdict(ro) for ro in rollouts]
     return summary
 
-# %% ../nbs/50_evaluate.ipynb #42790aed
+# %% ../nbs/50_evaluate.ipynb #89ca95c3
 TABLE_KEYS = ('episodes', *METRICS, 'mean_generated_tokens', 'tokens_per_second', 'perplexity', *KL_SPANS)  # table rows, in order
 
 def _cell(key: str, value) -> str:
@@ -373,7 +402,7 @@ def save_eval_report(results: dict, # model name -> summary
     plot_metrics(results).savefig(paths['plot'], dpi=100)
     return paths
 
-# %% ../nbs/50_evaluate.ipynb #15fb9e6b
+# %% ../nbs/50_evaluate.ipynb #0fe8a84e
 def evaluate_models(models: dict, # name -> model (StudentLM-like)
                     tokenizer, # tokenizers.Tokenizer with kd_lib's special tokens
                     eval_path_or_rows, # held-out JSONL path or list of rows

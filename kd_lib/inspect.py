@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['STAGE_ORDER', 'META_KEYS', 'OPTIMIZER_METRICS', 'HALT_RULES', 'project_runs_dir', 'find_run_dirs',
            'newest_pipeline_runs', 'write_demo_runs', 'load_run', 'metric_names', 'loss_components', 'series',
-           'tidy_metrics', 'ema', 'plot_losses', 'plot_optimizer', 'plot_eval', 'figure_png', 'as_image',
-           'read_halt_records', 'halt_rules', 'halt_rows', 'halt_target_rates', 'first_halt_loops', 'calibration_bins',
-           'expected_calibration_error', 'halt_decisions', 'decision_accuracy', 'write_demo_halt_records',
-           'plot_halt_targets', 'plot_reliability', 'plot_halt_example', 'LossExplorer', 'HaltExplorer']
+           'default_loss_metrics', 'tidy_metrics', 'ema', 'plot_losses', 'plot_optimizer', 'plot_eval', 'figure_png',
+           'as_image', 'read_halt_records', 'halt_rules', 'halt_rows', 'halt_target_rates', 'first_halt_loops',
+           'calibration_bins', 'expected_calibration_error', 'halt_decisions', 'decision_accuracy',
+           'write_demo_halt_records', 'plot_halt_targets', 'plot_reliability', 'plot_halt_example', 'LossExplorer',
+           'HaltExplorer']
 
-# %% ../nbs/80_inspect.ipynb #2c44bd9e
+# %% ../nbs/80_inspect.ipynb #d2883c42
 import io
 import json
 import math
@@ -26,7 +27,7 @@ from matplotlib.figure import Figure
 import kd_lib
 from .tracing import read_metrics
 
-# %% ../nbs/80_inspect.ipynb #fd141ad0
+# %% ../nbs/80_inspect.ipynb #1bf3f322
 STAGE_ORDER = ('teacher', 'ce', 'kd', 'kd_process')  # the default pipeline's stages, in the order they run
 
 def project_runs_dir() -> Path:
@@ -54,7 +55,7 @@ def newest_pipeline_runs(root=None, # default: `project_runs_dir()`
     if not (newest.parent/'stages').is_dir(): return [newest]
     return sorted((d for d in newest.parent.iterdir() if (d/'metrics.jsonl').is_file()), key=_stage_key)
 
-# %% ../nbs/80_inspect.ipynb #220a6872
+# %% ../nbs/80_inspect.ipynb #800db752
 def _lr(step: int, steps: int, peak: float = 3e-3, warmup: int = 5) -> float:
     "Warmup then cosine decay to 10% of the peak (the Trainer's schedule shape)."
     if step <= warmup: return peak * step / warmup
@@ -101,7 +102,7 @@ def write_demo_runs(folder, # created; gets stages/ and one run folder per stage
         run_dirs.append(run_dir)
     return run_dirs
 
-# %% ../nbs/80_inspect.ipynb #c9b899f6
+# %% ../nbs/80_inspect.ipynb #5d15302f
 META_KEYS = ('step', 'split', 'time')  # keys of every metrics.jsonl line that are not metrics
 OPTIMIZER_METRICS = ('loss', 'lr', 'grad_norm')  # train keys that are not loss components
 
@@ -141,13 +142,18 @@ def series(records: list[dict], # records of one split, sorted by step
     steps, values = zip(*pairs) if pairs else ((), ())
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
+def default_loss_metrics(runs: list[dict]) -> list[str]:
+    "The loss components of the runs, without those that are zero throughout (e.g. the kd of a CE-only run)."
+    names = dict.fromkeys(m for run in runs for m in loss_components(run))
+    return [m for m in names if any(np.any(series(run['train'], m)[1]) for run in runs)]
+
 def tidy_metrics(runs: list[dict]) -> list[dict]:
     "One row per (run, split, step, metric) with a numeric value."
     return [{'run': run['name'], 'split': split, 'step': r['step'], 'metric': k, 'value': v}
             for run in runs for split in ('train', 'eval', 'guard') for r in run[split]
             for k, v in r.items() if k not in META_KEYS and _is_number(v)]
 
-# %% ../nbs/80_inspect.ipynb #2f960aad
+# %% ../nbs/80_inspect.ipynb #5d87a396
 def ema(values, # 1-D values in step order
         smoothing: float, # alpha in [0, 1): 0 = raw, 0.99 = very smooth
        ) -> np.ndarray:
@@ -161,7 +167,7 @@ def ema(values, # 1-D values in step order
         out[i] = mean / (1 - smoothing ** seen)
     return out
 
-# %% ../nbs/80_inspect.ipynb #7b19e449
+# %% ../nbs/80_inspect.ipynb #97a28bdc
 def _grid(n: int, ncols: int = 3, panel=(4.2, 2.8)) -> tuple:
     "A Figure with `n` panels in a grid; the unused panels are hidden."
     ncols = max(1, min(ncols, n))
@@ -183,13 +189,13 @@ def _set_log(ax, on: bool, values) -> None:
     if on and any(np.nanmax(v, initial=-np.inf) > 0 for v in values): ax.set_yscale('log', nonpositive='mask')
 
 def plot_losses(runs: list[dict], # from `load_run`; overlaid, one colour each
-                metrics: list[str] | None = None, # default: the loss components of all runs
+                metrics: list[str] | None = None, # default: `default_loss_metrics(runs)`
                 smoothing: float = 0.9, # EMA alpha (0 = raw)
                 log_scale: bool = True, # log y axis
                 raw: bool = True, # also draw the unsmoothed values, faint
                ) -> Figure:
     "Each loss component over optimizer steps, runs overlaid, EMA-smoothed."
-    metrics = metrics if metrics is not None else list(dict.fromkeys(m for run in runs for m in loss_components(run)))
+    metrics = metrics if metrics is not None else default_loss_metrics(runs)
     fig, axes = _grid(len(metrics))
     if not metrics: return _empty(fig, 'no loss metrics selected')
     colors = _colors(runs)
@@ -250,16 +256,16 @@ def as_image(fig: Figure, dpi: int = 72) -> Image:
     "A figure as an IPython PNG image, which every notebook front end shows (a bare Figure shows as text without pyplot)."
     return Image(figure_png(fig, dpi))
 
-# %% ../nbs/80_inspect.ipynb #fd11f5bb
+# %% ../nbs/80_inspect.ipynb #c3b06d32
 HALT_RULES = ('curriculum', 'judge', 'delta')  # the halt-target rules, in display order
 
 def _check_boundary(b, where: str) -> None:
     "Raise ValueError naming `where` when a boundary record is malformed."
     if not isinstance(b, dict): raise ValueError(f'{where}: expected an object, got {b!r}')
     if not isinstance(b.get('loop'), int) or b['loop'] < 1: raise ValueError(f'{where}.loop: expected an integer >= 1, got {b.get("loop")!r}')
-    for key in ('judge_score', 'halt_prob'):
-        v = b.get(key)
-        if (key in b or key == 'judge_score') and not (_is_number(v) and 0 <= v <= 1): raise ValueError(f'{where}.{key}: expected a number in [0, 1], got {v!r}')
+    for key, required in (('judge_score', True), ('halt_prob', False)):
+        if key not in b and not required: continue
+        if not (_is_number(b.get(key)) and 0 <= b[key] <= 1): raise ValueError(f'{where}.{key}: expected a number in [0, 1], got {b.get(key)!r}')
     if not isinstance(b.get('target'), dict): raise ValueError(f'{where}.target: expected an object {{rule: 0 or 1}}, got {b.get("target")!r}')
     for rule, v in b['target'].items():
         if v not in (0, 1) or isinstance(v, float): raise ValueError(f'{where}.target.{rule}: expected 0 or 1, got {v!r}')
@@ -291,7 +297,7 @@ def halt_rows(records: list[dict]) -> list[dict]:
     return [{'id': r['id'], 'loop': b['loop'], 'judge_score': b['judge_score'], 'halt_prob': b.get('halt_prob'), 'rule': rule, 'target': t}
             for r in records for b in r['boundaries'] for rule, t in b['target'].items()]
 
-# %% ../nbs/80_inspect.ipynb #2e6312ad
+# %% ../nbs/80_inspect.ipynb #0dee0bee
 def halt_target_rates(rows: list[dict]) -> list[dict]:
     "Per (rule, loop): number of boundaries and the fraction whose target is halt."
     groups = {}
@@ -331,7 +337,7 @@ def decision_accuracy(records: list[dict], rule: str, threshold: float = 0.5) ->
     pairs = [(d['halt'], d['target']) for r in records for d in halt_decisions(r, rule, threshold) if d['target'] is not None]
     return sum(h == bool(t) for h, t in pairs) / len(pairs) if pairs else float('nan')
 
-# %% ../nbs/80_inspect.ipynb #061ec1a6
+# %% ../nbs/80_inspect.ipynb #c9bfec10
 def write_demo_halt_records(path, # the halt_records.jsonl to write (its folder is created)
                             n_examples: int = 60, # examples
                             seed: int = 0, # numpy seed
@@ -353,7 +359,7 @@ def write_demo_halt_records(path, # the halt_records.jsonl to write (its folder 
     path.write_text(''.join(lines))
     return path
 
-# %% ../nbs/80_inspect.ipynb #f57302d3
+# %% ../nbs/80_inspect.ipynb #46600e16
 def plot_halt_targets(records: list[dict]) -> Figure:
     "Per rule: halt rate at each loop, and the distribution of the first halting loop."
     fig, (ax_rate, ax_first) = _grid(2, ncols=2, panel=(4.6, 3.0))
@@ -391,7 +397,7 @@ def plot_reliability(bins: list[dict], # from `calibration_bins`
         ax_n.bar(centers, [b['count'] for b in bins], widths, color='0.6')
     ax.set(title=f'{title}  (ECE {expected_calibration_error(bins):.3f})', ylabel='observed halt rate', xlim=(0, 1), ylim=(0, 1))
     ax_n.set(xlabel='predicted halt probability', ylabel='boundaries')
-    ax.legend(fontsize='small', loc='upper left')
+    ax.legend(fontsize='x-small', loc='upper left')
     return fig
 
 def plot_halt_example(record: dict, # one halt record
@@ -412,7 +418,8 @@ def plot_halt_example(record: dict, # one halt record
     stop = next((d['loop'] for d in decisions if d['halt']), None)
     if stop is not None: ax.axvline(stop, color='red', alpha=0.4, linewidth=6)
     agree = sum(d['halt'] == bool(d['target']) for d in decisions if d['target'] is not None)
-    ax.set(title=f"{record['id']}: halts at loop {stop or 'never'}; {agree}/{len(decisions)} agree with {rule}", ylim=(-0.05, 1.05), ylabel='score')
+    ax.set_title(f"{record['id']}: halts at loop {stop or 'never'}\n{agree}/{len(decisions)} decisions agree with {rule}", fontsize='medium')
+    ax.set(ylim=(-0.05, 1.05), ylabel='score')
     ax.legend(fontsize='small', loc='lower right')
     for i, name in enumerate(rules):
         targets = [b['target'].get(name) for b in record['boundaries']]
@@ -424,7 +431,7 @@ def plot_halt_example(record: dict, # one halt record
     ax_t.set_title('targets (filled = halt)', fontsize='small')
     return fig
 
-# %% ../nbs/80_inspect.ipynb #e4cfe759
+# %% ../nbs/80_inspect.ipynb #50e8c5de
 def _file_sizes(paths: list[Path], name: str) -> tuple:
     return tuple((p/name).stat().st_size if (p/name).exists() else -1 for p in paths)
 
@@ -492,9 +499,9 @@ class LossExplorer(_Explorer):
         self.tabs.observe(lambda _: self.redraw(), names='selected_index')
 
     def _update_metric_options(self) -> None:
-        "Offer every loss component of the runs; keep the selection, select all on first use."
+        "Offer every loss component of the runs; keep the selection, start with `default_loss_metrics`."
         options = list(dict.fromkeys(m for run in self.runs for m in loss_components(run)))
-        keep = tuple(m for m in self.metric_picker.value if m in options) or tuple(options)
+        keep = tuple(m for m in self.metric_picker.value if m in options) or tuple(default_loss_metrics(self.runs)) or tuple(options)
         self._updating = True  # setting options clears the value: no redraw in between
         self.metric_picker.options = options
         self.metric_picker.value = keep
@@ -523,7 +530,7 @@ class LossExplorer(_Explorer):
         self._update_metric_options()
         self.redraw()
 
-# %% ../nbs/80_inspect.ipynb #1cd4519b
+# %% ../nbs/80_inspect.ipynb #c00bca2a
 class HaltExplorer(_Explorer):
     "Interactive halt-target distributions, calibration and per-example halt decisions."
     file_name = 'halt_records.jsonl'
@@ -539,7 +546,8 @@ class HaltExplorer(_Explorer):
         self.records = read_halt_records(path)
         if not self.records: raise ValueError(f'{path}: no halt records')
         rules = halt_rules(self.records)
-        self.rule = widgets.Dropdown(options=rules, value='judge' if 'judge' in rules else rules[0], description='rule')
+        default = next((r for r in ('combined', 'judge') if r in rules), rules[0])  # 'combined' is what the head is trained on
+        self.rule = widgets.Dropdown(options=rules, value=default, description='rule')
         self.threshold = widgets.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description='threshold', continuous_update=False)
         self.n_bins = widgets.IntSlider(value=n_bins, min=2, max=20, description='bins', continuous_update=False)
         self.example = widgets.Dropdown(options=[r['id'] for r in self.records], description='example')
@@ -547,7 +555,8 @@ class HaltExplorer(_Explorer):
         self.status = widgets.HTML()
         self.images = {k: widgets.Image(format='png', layout=widgets.Layout(max_width='100%')) for k in ('targets', 'calibration', 'example')}
         controls = widgets.HBox([widgets.VBox([self.rule, self.example]), widgets.VBox([self.threshold, self.n_bins]), self.refresh_button])
-        self.widget = widgets.VBox([controls, self.status, self.images['targets'], widgets.HBox([self.images['calibration'], self.images['example']])])
+        bottom = widgets.HBox([self.images['calibration'], self.images['example']])
+        self.widget = widgets.VBox([controls, self.status, self.images['targets'], bottom])
         self.redraw()
         self.rule.observe(lambda _: self.redraw('calibration', 'example'), names='value')
         self.n_bins.observe(lambda _: self.redraw('calibration'), names='value')
@@ -568,9 +577,9 @@ class HaltExplorer(_Explorer):
         if 'calibration' in panels: self._set_image('calibration', plot_reliability(bins, f'{rule} target'))
         if 'example' in panels:
             self._set_image('example', plot_halt_example(self.selected_record(), threshold=self.threshold.value, rule=rule))
-        acc = decision_accuracy(self.records, rule, self.threshold.value)
+        acc, ece = decision_accuracy(self.records, rule, self.threshold.value), expected_calibration_error(bins)
         self.status.value = (f'<small>{len(self.records)} examples, {sum(len(r["boundaries"]) for r in self.records)} boundaries; '
-                             f'at threshold {self.threshold.value:.2f}: decision accuracy vs {rule} {acc:.3f}, ECE {expected_calibration_error(bins):.3f}</small>')
+                             f'at threshold {self.threshold.value:.2f}: decision accuracy vs {rule} {acc:.3f}, ECE {ece:.3f}</small>')
 
     def refresh(self) -> None:
         "Re-read halt_records.jsonl and redraw."

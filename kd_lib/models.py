@@ -7,7 +7,7 @@ __all__ = ['RMSNorm', 'mlp_hidden_size', 'SwiGLU', 'rotary_table', 'apply_rotary
            'attention_mask_4d', 'Attention', 'Block', 'LMOutput', 'Generation', 'last_real_index', 'sample_next',
            'StudentLM', 'arch_fingerprint', 'count_parameters', 'read_model_config', 'ModelConfig']
 
-# %% ../nbs/10_models.ipynb #173a1190
+# %% ../nbs/10_models.ipynb #47edcdd1
 import hashlib
 import json
 import math
@@ -24,7 +24,7 @@ from .config import ConfigError, ModelConfig, config_from_dict
 
 _all_ = ['ModelConfig']  # re-exported: `from kd_lib.models import ModelConfig`
 
-# %% ../nbs/10_models.ipynb #392aa18a
+# %% ../nbs/10_models.ipynb #e8dd5fdb
 class RMSNorm(nn.Module):
     "Root-mean-square layer norm with a learned gain."
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -49,7 +49,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x): return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-# %% ../nbs/10_models.ipynb #77910ea9
+# %% ../nbs/10_models.ipynb #8f377ac4
 def rotary_table(head_dim: int, # features per head (even)
                  max_seq_len: int, # rows of the table
                  theta: float = 10000.0, # base frequency
@@ -73,7 +73,7 @@ def positions_from_mask(attention_mask: torch.Tensor, # [B, T] 1 = real token
     "Position of each token: the number of real tokens before it (plus `offset`)."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
 
-# %% ../nbs/10_models.ipynb #23af3ab1
+# %% ../nbs/10_models.ipynb #da81aee0
 class KVCache:
     "Per-layer key/value buffers, the key padding mask and real-token counts of a batch being generated."
     def __init__(self, n_layers: int, batch_size: int, device=None):
@@ -83,6 +83,7 @@ class KVCache:
         self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # real tokens so far
         self.has_padding = False
         self.next_logits = None  # [B, V] set by StudentLM.step
+        self.next_hidden = None  # [B, D] final normed hidden state of each row's last token, set by StudentLM.step
 
     def add_tokens(self, attention_mask: torch.Tensor # [B, T] mask of the tokens being appended
                   ) -> tuple[torch.Tensor, torch.Tensor]: # positions [B, T] and the key mask [B, length + T]
@@ -111,7 +112,7 @@ class KVCache:
             for buf, o in zip(new, old): buf[:, :, :self.length] = o[:, :, :self.length]
         return new
 
-# %% ../nbs/10_models.ipynb #8f868ab6
+# %% ../nbs/10_models.ipynb #71b2ed7a
 def attention_mask_4d(key_mask: torch.Tensor, # [B, S] True = real key (past + new tokens)
                       q_len: int, # number of new (query) tokens, the last q_len keys
                      ) -> torch.Tensor: # [B, 1, q_len, S] bool: True = may attend
@@ -156,7 +157,7 @@ class Block(nn.Module):
         x = x + self.dropout(self.attn(self.attn_norm(x), rot, mask, cache, layer))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
-# %% ../nbs/10_models.ipynb #27c3a196
+# %% ../nbs/10_models.ipynb #886a07f8
 @dataclass
 class LMOutput:
     "What `StudentLM.forward` returns."
@@ -191,7 +192,7 @@ def sample_next(logits: torch.Tensor, # [B, V] next-token logits
         logits = logits.masked_fill(logits < kth, float('-inf'))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
-# %% ../nbs/10_models.ipynb #a45a32ca
+# %% ../nbs/10_models.ipynb #097d7d36
 class StudentLM(nn.Module):
     "Decoder-only causal LM: embedding, pre-norm GQA/SwiGLU blocks with rotary positions, RMSNorm, output head."
     def __init__(self, cfg: ModelConfig):
@@ -274,10 +275,12 @@ class StudentLM(nn.Module):
              input_ids: torch.Tensor, # [B, T] tokens to append (T >= 1)
              cache: KVCache, # the running generation (updated in place)
              attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
+             inputs_embeds: torch.Tensor | None = None, # [B, T, D] used instead of embedding input_ids (latent slots)
             ) -> torch.Tensor: # [B, V] logits after each row's last real token (meaningless for all-padding rows)
-        "Append tokens to the cache and return the next-token logits."
-        h = self(input_ids, attention_mask, compute_logits=False, cache=cache).last_hidden
+        "Append tokens to the cache and return the next-token logits (the last hidden state goes to `cache.next_hidden`)."
+        h = self(input_ids, attention_mask, compute_logits=False, inputs_embeds=inputs_embeds, cache=cache).last_hidden
         last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
+        cache.next_hidden = last
         cache.next_logits = F.linear(last, self.output_weight)
         return cache.next_logits
 
@@ -358,7 +361,7 @@ class StudentLM(nn.Module):
             raise ValueError(f'{weights}: the weights do not match {Path(folder) / "config.json"}: {e}') from None
         return model.eval()
 
-# %% ../nbs/10_models.ipynb #485f3cf1
+# %% ../nbs/10_models.ipynb #bdef5519
 def arch_fingerprint(cfg: ModelConfig) -> str:
     "Stable 16-hex-digit hash of the architecture (ModelConfig without dropout and init_std)."
     arch = {k: v for k, v in asdict(cfg).items() if k not in ('dropout', 'init_std')}

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['NBS_DIR', 'PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'PipelineError', 'Stage', 'run_stages', 'default_stages',
-           'run_default_pipeline', 'eval_history', 'steps_to_reach', 'plot_eval_curves', 'write_results']
+           'run_default_pipeline', 'steps_to_reach', 'write_results']
 
-# %% ../nbs/91_pipeline.ipynb #1f03721a
+# %% ../nbs/91_pipeline.ipynb #b6e34b77
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import papermill as pm
-from matplotlib.figure import Figure
 
 import kd_lib
+from .inspect import load_run, plot_eval
 from .recipes import build_cache_stage, prepare_data_stage
 
-# %% ../nbs/91_pipeline.ipynb #c2fe3ee3
+# %% ../nbs/91_pipeline.ipynb #0640f586
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
 
 class PipelineError(RuntimeError):
@@ -74,7 +74,7 @@ def run_stages(stages: list, # the Stage list, in order
         log(f'[pipeline] {stage.name}: done in {rec["seconds"]} s')
     return records
 
-# %% ../nbs/91_pipeline.ipynb #9eb2695f
+# %% ../nbs/91_pipeline.ipynb #3cc003f8
 PROJECT_ROOT = NBS_DIR.parent
 STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1'],
             'kd': [], 'kd_process': []}
@@ -104,6 +104,9 @@ def default_stages(run_dir, # pipeline folder
         student_over = STUDENTS[name] if name == 'ce' else cache
         params = _stage_config(run_dir, files, [*student_over, *overrides])
         stages.append(Stage(name, nb, {**params, 'run_dir': str(run_dir/name)}))
+    qat = _stage_config(run_dir, ['student_cpu.yaml', 'quant_qat_int8.yaml'],
+                        [f'qat.student_path={run_dir}/kd/final', f'teacher.path={run_dir}/kd/final', *overrides])
+    stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 64}))
     stages.append(Stage('report', fn=lambda d: {'results': str(write_results(d))}))
     return stages
 
@@ -111,27 +114,10 @@ def run_default_pipeline(run_dir='runs/default', overrides=()) -> dict:
     "Run (or resume) the default pipeline; returns each stage's record."
     return run_stages(default_stages(run_dir, overrides), run_dir)
 
-# %% ../nbs/91_pipeline.ipynb #0f0857f5
-def eval_history(run_dir) -> list:
-    "The eval records of one stage's run folder, in step order (the last record per step)."
-    from kd_lib.tracing import read_metrics
-    return read_metrics(run_dir, split='eval', latest_only=True)
-
+# %% ../nbs/91_pipeline.ipynb #8faad049
 def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)
-
-def plot_eval_curves(histories: dict, # student name -> eval history
-                     metrics=RESULT_METRICS) -> Figure:
-    "One panel per metric, one line per student, against optimizer steps."
-    fig = Figure(figsize=(4 * len(metrics), 3.2), constrained_layout=True)
-    for ax, metric in zip(fig.subplots(1, len(metrics)), metrics):
-        for name, hist in histories.items():
-            pts = [(r['step'], r[metric]) for r in hist if r.get(metric) is not None]
-            if pts: ax.plot(*zip(*pts), marker='o', label=name)
-        ax.set_title(metric); ax.set_xlabel('optimizer step')
-    fig.axes[0].legend()
-    return fig
 
 def _fmt(v) -> str: return '-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))
 
@@ -139,7 +125,8 @@ def write_results(run_dir) -> Path:
     "Write run_dir/results.md (final metrics, steps-to-baseline, plots) from the stages' eval records."
     import json
     run_dir = Path(run_dir)
-    hist = {name: eval_history(run_dir/name) for name in ['teacher', *STUDENTS] if (run_dir/name).exists()}
+    runs = {name: load_run(run_dir/name) for name in ['teacher', *STUDENTS] if (run_dir/name/'metrics.jsonl').exists()}
+    hist = {name: run['eval'] for name, run in runs.items()}
     final = {name: (h[-1] if h else {}) for name, h in hist.items()}
     target = final.get('ce', {}).get('tool_name_accuracy')
     lines = ['# Default pipeline results', '', '## Final held-out metrics', '',
@@ -154,7 +141,7 @@ def write_results(run_dir) -> Path:
     for step in steps:
         row = [next((_fmt(r.get('tool_name_accuracy')) for r in hist.get(n, []) if r['step'] == step), '-') for n in STUDENTS if n in hist]
         lines.append(f'| {step} | ' + ' | '.join(row) + ' |')
-    fig = plot_eval_curves({n: h for n, h in hist.items() if n != 'teacher'})
+    fig = plot_eval([run for n, run in runs.items() if n != 'teacher'], RESULT_METRICS)
     fig.savefig(run_dir/'results_metrics.png', dpi=90)
     lines += ['', '![metrics against optimizer steps](results_metrics.png)', '']
     cache_manifest = run_dir/'teacher_cache'/'manifest.json'
@@ -162,6 +149,8 @@ def write_results(run_dir) -> Path:
         m = json.loads(cache_manifest.read_text())
         lines += ['## Teacher cache', '', f"top-{m['k']} log-probs: {m['bytes_per_token']:.0f} bytes/token vs {m['dense_fp16_bytes_per_token']} for dense fp16 logits "
                   f"({m['dense_fp16_bytes_per_token'] / m['bytes_per_token']:.0f}x smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
+    qat_md = run_dir/'qat'/'qat_report.md'
+    if qat_md.exists(): lines += [qat_md.read_text(), '']
     timings = {p.stem: json.loads(p.read_text()).get('seconds') for p in sorted((run_dir/'stages').glob('*.json'))}
     lines += ['## Stage times', '', '| stage | seconds |', '|---|---|', *[f'| {k} | {_fmt(v)} |' for k, v in timings.items()], '']
     out = run_dir/'results.md'

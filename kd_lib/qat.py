@@ -8,7 +8,7 @@ __all__ = ['QMAX', 'QUALITY_KEYS', 'int8_scale', 'quantize_int8', 'fake_quantize
            'convert_to_int8', 'state_dict_bytes', 'save_int8', 'read_quantization', 'load_int8', 'max_logit_diff',
            'generation_speed', 'run_qat_stage', 'recovered_fraction', 'qat_report', 'qat_markdown']
 
-# %% ../nbs/60_qat.ipynb #240bc21e
+# %% ../nbs/60_qat.ipynb #2fc7d069
 import copy
 import json
 import time
@@ -29,7 +29,7 @@ from .recipes import load_train_data, make_loss_fn, prepare_data, teacher_signal
 from .tokenizer import BOS, TOOL_RESULT_END, backend_tokenizer, load_tokenizer, save_tokenizer
 from .train import BatchStream, Trainer, TrainResult
 
-# %% ../nbs/60_qat.ipynb #af18b6d6
+# %% ../nbs/60_qat.ipynb #5f7454c6
 QMAX = 127  # symmetric int8 range [-127, 127]
 
 def int8_scale(x: torch.Tensor, # weights [out, in] or any activation tensor
@@ -53,7 +53,7 @@ def fake_quantize(x: torch.Tensor, # float tensor
     grid = torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
     return x + (grid - x).detach()
 
-# %% ../nbs/60_qat.ipynb #15d632b5
+# %% ../nbs/60_qat.ipynb #88bb5dfa
 class FakeQuantLinear(nn.Module):
     "Linear layer with fake int8 weights and int8 input activations whose static scale is calibrated, then frozen."
     def __init__(self, linear: nn.Linear, # the float layer (its parameters are reused)
@@ -99,7 +99,7 @@ class FakeQuantEmbedding(nn.Module):
 
     def forward(self, input_ids): return F.embedding(input_ids, self.weight)
 
-# %% ../nbs/60_qat.ipynb #59c79a93
+# %% ../nbs/60_qat.ipynb #34947774
 def _swap_modules(model: StudentLM, linear_fn, embedding_fn) -> StudentLM:
     "Replace the block linears with `linear_fn(module)` and the embedding (and untied head) with `embedding_fn(module)`."
     for block in model.blocks:
@@ -143,7 +143,7 @@ def calibrate(model: StudentLM, # from `prepare_qat`
     for m in layers: m.freeze()
     return model.train(was_training)
 
-# %% ../nbs/60_qat.ipynb #b4300cee
+# %% ../nbs/60_qat.ipynb #e145a41c
 def int8_matmul(x_q: torch.Tensor, # [M, K] int8 activations
                 w_q: torch.Tensor, # [N, K] int8 weights
                ) -> torch.Tensor: # [M, N] float32: the exact integer products
@@ -209,7 +209,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, input_ids): return F.embedding(input_ids, self.qweight).float() * F.embedding(input_ids, self.weight_scale)
 
-# %% ../nbs/60_qat.ipynb #40bd4d47
+# %% ../nbs/60_qat.ipynb #5a9e685e
 def convert_to_int8(model: StudentLM, # a calibrated model from `prepare_qat` (left unchanged)
                    ) -> StudentLM: # an eval-mode copy with Int8Linear / Int8Embedding modules
     "The real int8 model of a calibrated fake-quantized student."
@@ -221,7 +221,7 @@ def state_dict_bytes(model: nn.Module) -> int:
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     return sum(seen.values())
 
-# %% ../nbs/60_qat.ipynb #78c7f8ef
+# %% ../nbs/60_qat.ipynb #f5fbbafd
 def _is_per_channel(model: StudentLM) -> bool:
     return any(m.weight_scale.shape[0] > 1 for m in model.modules() if isinstance(m, Int8Linear))
 
@@ -262,7 +262,7 @@ def load_int8(folder, # written by `save_int8`
     except (RuntimeError, SafetensorError, FileNotFoundError) as e: raise ValueError(f'{weights}: does not match {Path(folder)/"config.json"}: {e}') from None
     return model.to(torch.device(device or 'cpu')).eval()
 
-# %% ../nbs/60_qat.ipynb #150336bf
+# %% ../nbs/60_qat.ipynb #4c6cbb84
 @torch.no_grad()
 def max_logit_diff(model_a: nn.Module, model_b: nn.Module, # two StudentLM-like models
                    batches: list, # batches with input_ids and attention_mask
@@ -276,22 +276,22 @@ def max_logit_diff(model_a: nn.Module, model_b: nn.Module, # two StudentLM-like 
     return worst
 
 @torch.no_grad()
-def generation_speed(model: StudentLM, # model to time (eval mode, CPU)
+def generation_speed(models: dict, # name -> StudentLM-like model (eval mode, same device)
                      prompts: torch.Tensor, # [B, T] prompt ids (no padding)
-                     new_tokens: int = 32, # tokens generated per row
-                     repeats: int = 3, # timed runs (the best is kept) after one warmup
-                    ) -> float: # generated tokens per second
-    "Greedy generation throughput: B * new_tokens / best wall time."
-    model.eval()
-    model.generate(prompts, max_new_tokens=2)
-    best = float('inf')
+                     new_tokens: int = 64, # tokens generated per row
+                     repeats: int = 5, # timed rounds after one warmup; each round times every model once
+                    ) -> dict: # name -> generated tokens per second (best round)
+    "Greedy generation throughput of several models, timed in interleaved rounds so load changes hit them alike."
+    best = dict.fromkeys(models, float('inf'))
+    for model in models.values(): model.eval().generate(prompts, max_new_tokens=2)
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(prompts, max_new_tokens=new_tokens)
-        best = min(best, time.perf_counter() - start)
-    return prompts.numel() / prompts.shape[1] * new_tokens / best
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.generate(prompts, max_new_tokens=new_tokens)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: prompts.shape[0] * new_tokens / seconds for name, seconds in best.items()}
 
-# %% ../nbs/60_qat.ipynb #2e72c929
+# %% ../nbs/60_qat.ipynb #eb8caeea
 def _check_qat_config(cfg: Config):
     if cfg.training.stage != 'qat': raise ConfigError(f"training.stage: {cfg.training.stage!r}: run_qat_stage needs 'qat'")
     if not cfg.qat.enabled: raise ConfigError('qat.enabled: false: set it to true to run the QAT stage')
@@ -334,7 +334,7 @@ def run_qat_stage(cfg: Config, # training.stage 'qat', qat.enabled, qat.student_
               calibration_batches=cfg.qat.calibration_batches, fake_quant_max_logit_diff=parity))
     return result
 
-# %% ../nbs/60_qat.ipynb #61de3c39
+# %% ../nbs/60_qat.ipynb #3fdfb3a5
 QUALITY_KEYS = ('tool_name_accuracy', 'json_validity', 'argument_exact_match', 'argument_field_f1', 'integration_accuracy',
                 'answer_exact_match')  # compared in the report; all higher-is-better
 
@@ -357,7 +357,7 @@ def qat_report(cfg: Config, # the QAT stage's config (qat.student_path, data.eva
                max_examples: int = 64, # held-out episodes evaluated per model
                batch_size: int = 16, # rows generated together
                speed_prompts: int = 4, # rows timed together
-               speed_tokens: int = 32, # tokens generated per timed row
+               speed_tokens: int = 64, # tokens generated per timed row
               ) -> dict: # sizes, speeds, quality per model, drops, recovered fractions, parity
     "Compare fp32, PTQ int8 and QAT int8 students: size, CPU speed, quality, recovered fraction."
     run_dir = Path(run_dir)
@@ -371,7 +371,7 @@ def qat_report(cfg: Config, # the QAT stage's config (qat.student_path, data.eva
     quality = {name: evaluate_model(m, tokenizer, cfg.data.eval_path, max_examples=max_examples, batch_size=batch_size)
                for name, m in models.items()}
     prompts = _speed_prompts(tokenizer, load_eval_rows(cfg.data.eval_path, speed_prompts), speed_prompts, 16)
-    speed = {name: generation_speed(m, prompts, speed_tokens) for name, m in models.items()}
+    speed = generation_speed(models, prompts, speed_tokens)
     size = {name: state_dict_bytes(m) for name, m in models.items()}
     q = {k: {name: quality[name].get(k) for name in models} for k in QUALITY_KEYS}
     return dict(size_bytes=size, size_ratio=size['fp32'] / size['qat_int8'], tokens_per_second=speed,
@@ -381,7 +381,7 @@ def qat_report(cfg: Config, # the QAT stage's config (qat.student_path, data.eva
                 fake_quant_max_logit_diff=read_quantization(run_dir/'final_int8').get('fake_quant_max_logit_diff'),
                 eval_examples=quality['fp32']['episodes'], threads=torch.get_num_threads())
 
-# %% ../nbs/60_qat.ipynb #2106b3d5
+# %% ../nbs/60_qat.ipynb #be5ac6d6
 def _fmt(v, pct: bool = False) -> str:
     if v is None: return '-'
     return f'{100 * v:.1f}' if pct else f'{v:.3g}'

@@ -120,7 +120,8 @@ class TeacherCache:
                 ):
         self.path = Path(path)
         if not (self.path / 'manifest.json').is_file(): raise TeacherCacheError(f'{self.path}: no manifest.json (not a teacher cache)')
-        self.manifest = json.loads((self.path / 'manifest.json').read_text())
+        try: self.manifest = json.loads((self.path / 'manifest.json').read_text())
+        except ValueError as e: raise TeacherCacheError(f'{self.path / "manifest.json"}: not valid JSON ({e}); rebuild the cache') from None
         expected = {'fingerprint': fingerprint, 'k': k, 'tokenizer_hash': tokenizer_hash(tokenizer) if tokenizer is not None else None}
         for key, want in expected.items():
             if want is not None and self.manifest[key] != want:

@@ -80,8 +80,10 @@ def load_tokenizer(path, # tokenizer.json file, or a folder holding one (or a Hu
                   ) -> Tokenizer: # the tokenizer
     "Load a tokenizer.json or a local Hugging Face tokenizer folder as a `tokenizers.Tokenizer`."
     path = Path(path)
-    if path.is_file(): return Tokenizer.from_file(str(path))
-    if (path / 'tokenizer.json').is_file(): return Tokenizer.from_file(str(path / 'tokenizer.json'))
+    file = path if path.is_file() else path / 'tokenizer.json'
+    if file.is_file():
+        try: return Tokenizer.from_file(str(file))
+        except Exception as e: raise TokenizerError(f'{file}: not a valid tokenizer.json ({e})') from None
     if path.is_dir(): return backend_tokenizer(load_hf_tokenizer(path))
     raise TokenizerError(f'{path}: no tokenizer.json or tokenizer folder there')
 

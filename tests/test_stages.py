@@ -11,7 +11,7 @@ from kd_lib.tracing import read_metrics
 def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     run_dir = tmp_path / 'default'
     records = run_default_pipeline(run_dir, TINY)
-    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'report']
+    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'qat', 'report']
     for stage in ('teacher', 'ce', 'kd', 'kd_process'):
         assert (run_dir / stage / 'final' / 'model.safetensors').exists(), stage
         assert (run_dir / 'notebooks' / f'{stage}.ipynb').exists(), stage
@@ -21,6 +21,7 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     assert all(r['kd'] > 0 for r in kd) and all(r['kd'] == 0 for r in ce)
     text = (run_dir / 'results.md').read_text()
     assert '| kd_process |' in text and (run_dir / 'results_metrics.png').exists()
+    assert (run_dir / 'qat' / 'final_int8' / 'model.safetensors').exists() and 'int8' in text
     assert json.loads((run_dir / 'teacher_cache' / 'manifest.json').read_text())['k'] == 4
     # a rerun resumes: every stage is already done
     assert run_default_pipeline(run_dir, TINY) == records
