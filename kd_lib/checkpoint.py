@@ -395,5 +395,11 @@ class CheckpointManager:
                     'checkpoints': [{'step': s, 'path': self.path(s).name, 'bytes': sum(f['bytes'] for f in m['files'].values()),
                                      'milestone': s in self.milestones, 'metrics': m.get('metrics', {}), 'time': m.get('time')}
                                     for s, m in sorted(self._records.items())]}
-        (self.directory / MANIFEST).parent.mkdir(exist_ok=True)
-        atomic_write(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        path = self.directory / MANIFEST
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json.dumps(manifest, indent=1).encode())
+        except OSError as e:
+            error = CheckpointSpaceError if e.errno == errno.ENOSPC else CheckpointError
+            raise error(f'{e.strerror or e} while writing {path}; the previous manifest and every checkpoint folder are intact '
+                        '(their meta.json files are the source of truth). Resume once the disk can be written again.') from None

@@ -28,14 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='run one training stage')
     t.add_argument('--config', nargs='+', required=True, help='YAML files merged in order (later wins)')
-    t.add_argument('--set', nargs='*', default=[], dest='overrides', metavar='KEY=VALUE', help='dotted overrides, e.g. training.steps=100')
+    t.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE',
+                   help='dotted overrides, e.g. training.steps=100 (may be given several times)')
     t.add_argument('--run-dir', required=True, help='run folder (created; an existing one is resumed)')
     t.add_argument('--resume', default=None, help='resume from this checkpoint folder instead of the newest')
     t.add_argument('--force', action='store_true', help='resume even if the teacher/architecture fingerprint differs')
     t.add_argument('--no-eval', action='store_true', help='skip the held-out evaluations')
     pl = sub.add_parser('pipeline', help='run the default pipeline on the embedded default')
     pl.add_argument('--run-dir', default='runs/default', help='pipeline folder (a rerun resumes at the first unfinished stage)')
-    pl.add_argument('--set', nargs='*', default=[], dest='overrides', metavar='KEY=VALUE', help='overrides applied to every stage')
+    pl.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE',
+                    help='overrides applied to every stage (may be given several times)')
     add_eval_arguments(sub.add_parser('eval', help='evaluate model folders on the held-out split'))
     return p
 

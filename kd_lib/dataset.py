@@ -51,6 +51,9 @@ def parse_row(raw: bytes, # one line of the file (without the newline)
         if field not in row: raise DataError(path, line, field, 'missing required field')
         if not isinstance(row[field], str): raise DataError(path, line, field, f'expected a string, got {type(row[field]).__name__}')
         if not row[field].strip(): raise DataError(path, line, field, 'empty text')
+    for call in extract_tool_calls(row['teacher_text']):
+        if call.error and call.error.startswith('unterminated'):
+            raise DataError(path, line, 'teacher_text', f'unterminated <tool_call> at character {call.span[0]} (no </tool_call> after it)')
     meta = row.get('metadata', {})
     if not isinstance(meta, dict): raise DataError(path, line, 'metadata', f'expected an object, got {type(meta).__name__}')
     return row['prompt'], row['teacher_text'], meta
@@ -158,6 +161,12 @@ def _memmap(path: Path, dtype) -> np.ndarray:
     "Read-only memory map of a raw array file (an empty file gives an empty array)."
     return np.memmap(path, dtype=dtype, mode='r') if path.stat().st_size else np.zeros(0, dtype)
 
+def _read_cache_file(path: Path, read):
+    "`read(path)`, or a DataError naming the token-cache file that is missing or damaged."
+    try: return read(path)
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        raise DataError(path, 0, '<cache>', f'damaged token cache file ({type(e).__name__}: {e})') from None
+
 def _iter_lines(path: Path, starts: np.ndarray):
     "(line_no, byte_offset, raw bytes, is_last_without_newline) for each non-blank line."
     with open(path, 'rb') as f:
@@ -196,7 +205,11 @@ class KDDataset(torch.utils.data.Dataset):
         self.cache_path = root / f'{self.path.stem}-{self.cache_key}'
         self.from_cache = (self.cache_path / 'report.json').is_file()
         if not self.from_cache: self._tokenize_all()
-        self._load_cache()
+        try: self._load_cache()
+        except DataError as e:
+            if not self.from_cache: raise
+            warnings.warn(f'{e}; rebuilding the token cache')
+            self._rebuild_cache()
         self._warn_skipped()
         self.teacher_cache = None
         if teacher_cache is not None: self.attach_teacher_cache(teacher_cache)
@@ -244,11 +257,26 @@ class KDDataset(torch.utils.data.Dataset):
         return offsets, lines, byte_offsets, skipped
 
     def _load_cache(self):
-        load = lambda name: np.load(self.cache_path / f'{name}.npy', mmap_mode='r', allow_pickle=False)
-        self.tokens, self.flags = _memmap(self.cache_path / 'tokens.bin', np.int32), _memmap(self.cache_path / 'flags.bin', np.uint8)
+        "Memory-map the token cache; a missing, damaged or inconsistent file raises DataError naming it."
+        load = lambda name: _read_cache_file(self.cache_path / f'{name}.npy', lambda p: np.load(p, mmap_mode='r', allow_pickle=False))
+        self.tokens = _read_cache_file(self.cache_path / 'tokens.bin', lambda p: _memmap(p, np.int32))
+        self.flags = _read_cache_file(self.cache_path / 'flags.bin', lambda p: _memmap(p, np.uint8))
         self.offsets, self.lines, self.byte_offsets = load('offsets'), load('lines'), load('byte_offsets')
-        self.skip_report = json.loads((self.cache_path / 'report.json').read_text())['skipped']
+        self.skip_report = _read_cache_file(self.cache_path / 'report.json', lambda p: json.loads(p.read_text())['skipped'])
         self.skipped = len(self.skip_report)
+        rows = len(self.lines)
+        if not (self.offsets.shape == (rows + 1,) and self.byte_offsets.shape == (rows,) and len(self.tokens) == len(self.flags) == self.offsets[-1]):
+            raise DataError(self.cache_path, 0, '<cache>', 'damaged token cache (its files disagree in length)')
+
+    def _rebuild_cache(self):
+        "Move a damaged token cache aside (another process may have done so already), tokenize again and load."
+        stale = Path(tempfile.mkdtemp(dir=self.cache_path.parent, prefix='.stale-'))
+        try: os.replace(self.cache_path, stale / self.cache_path.name)
+        except FileNotFoundError: pass
+        shutil.rmtree(stale)
+        self.from_cache = False
+        self._tokenize_all()
+        self._load_cache()
 
     def _warn_skipped(self):
         if self.skipped:

@@ -210,7 +210,7 @@ def combined_kd_loss(labels: torch.Tensor, # [B,T] or [N] targets, -100 ignored
                      ce_weight: float = 0.0, # weight of the CE on labels
                      topk_tail: str = 'bucket', # 'renorm' or 'bucket' for teacher_topk
                      fused: bool = True, # with hidden states: chunked fused loss (no full logits)
-                     chunk_size: int = 1024, # tokens per chunk of the fused loss
+                     chunk_size: int = 0, # kept tokens per chunk of the fused loss; 0: auto from the vocabulary
                      num_kept_tokens=None, # kept tokens of the whole optimizer step; None: this batch's
                      extra_losses: dict | None = None, # {name: (weight, scalar loss)} added to the total
                     ) -> tuple[torch.Tensor, dict]: # (weighted total, {name: unweighted detached component})

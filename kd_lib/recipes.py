@@ -8,7 +8,7 @@ __all__ = ['HALTING_EVAL_KEYS', 'TOKEN_REDUCTION_STUDENTS', 'prepare_data', 'loa
            'save_final', 'prepare_data_stage', 'build_cache_stage', 'token_reduction_configs',
            'token_reduction_results', 'token_reduction_table', 'run_token_reduction']
 
-# %% ../nbs/41_recipes.ipynb #5d81d732
+# %% ../nbs/41_recipes.ipynb #6b265b04
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +35,7 @@ from .teachers import CheckpointTeacher, load_teacher
 from .tokenizer import TOOL_RESULT_END, build_tokenizer, load_tokenizer, save_tokenizer
 from .train import BatchStream, DistInfo, Trainer, TrainResult, init_distributed
 
-# %% ../nbs/41_recipes.ipynb #16dd78c8
+# %% ../nbs/41_recipes.ipynb #63b0ab19
 def prepare_data(cfg: Config) -> dict:
     "Write the synthetic corpus and train the tokenizer if `data.*_path` do not exist yet."
     d = cfg.data
@@ -61,7 +61,7 @@ def load_train_data(cfg: Config, tokenizer, info: DistInfo = DistInfo()) -> tupl
     if not cfg.data.bucket_by_length: sampler.pool_batches = 1
     return ds, sampler
 
-# %% ../nbs/41_recipes.ipynb #379a33e4
+# %% ../nbs/41_recipes.ipynb #056b9502
 def build_student(cfg: Config, tokenizer) -> StudentLM:
     "A fresh StudentLM from `model`, checked against the tokenizer's vocabulary."
     n = tokenizer.get_vocab_size()
@@ -79,7 +79,7 @@ def teacher_signal(cfg: Config, device) -> tuple:
         return None, (teacher.fingerprint if teacher is not None else '')
     return teacher, teacher.fingerprint
 
-# %% ../nbs/41_recipes.ipynb #5eab38f3
+# %% ../nbs/41_recipes.ipynb #adb9b79e
 def answer_labels(input_ids: torch.Tensor, # [B,T]
                   labels: torch.Tensor, # [B,T] shifted labels
                   tool_result_end_id: int, # id of </tool_result>
@@ -164,7 +164,7 @@ def make_loss_fn(cfg: Config, teacher=None, projector: nn.Module | None = None, 
         return combined_kd_loss(labels, **student, **teach, **dist_kw, num_kept_tokens=num_kept_tokens, extra_losses=extra)
     return loss_fn
 
-# %% ../nbs/41_recipes.ipynb #035b7494
+# %% ../nbs/41_recipes.ipynb #ef71d991
 def eval_options(cfg: Config) -> dict:
     "evaluate_model options the config's features need: latent slots in generation, running code-mode programs."
     options = {}
@@ -198,6 +198,9 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
               until: int | None = None, # stop after this step (tests)
              ) -> TrainResult:
     "Train one stage from a config."
+    if cfg.training.stage == 'qat':
+        from kd_lib.qat import run_qat_stage  # kd_lib.qat builds on this module
+        return run_qat_stage(cfg, run_dir, until=until)
     run_dir = Path(run_dir)
     device = get_training_device(cfg.training.device or None)
     info = init_distributed(device)
@@ -236,7 +239,7 @@ def save_final(model: StudentLM, tokenizer, folder) -> Path:
     save_tokenizer(tokenizer, folder/'tokenizer.json')
     return folder
 
-# %% ../nbs/41_recipes.ipynb #6202f76b
+# %% ../nbs/41_recipes.ipynb #f6d76cde
 def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
                       ) -> dict: # the data paths
     "Make the corpus and tokenizer the stage's config points at."
@@ -255,7 +258,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
 
-# %% ../nbs/41_recipes.ipynb #91094836
+# %% ../nbs/41_recipes.ipynb #8d2ed4ab
 TOKEN_REDUCTION_STUDENTS = {
     'direct': ('code', ['model.halt_head=true', 'halting.enabled=true']),
     'code_mode': ('code', ['code_mode.enabled=true']),

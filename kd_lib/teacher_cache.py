@@ -113,6 +113,9 @@ def build_teacher_cache(teacher, # callable/nn.Module: (input_ids, attention_mas
 # %% ../nbs/06_teacher_cache.ipynb #b6927f20
 class TeacherCache:
     "A finished teacher top-k cache, read memory-mapped."
+    MANIFEST_KEYS = ('fingerprint', 'k', 'tokenizer_hash', 'dataset_key', 'dataset_path', 'rows', 'positions', 'vocab_size',
+                     'shards', 'bytes_per_token', 'dense_fp16_bytes_per_token', 'covered_mass')
+
     def __init__(self, path, # cache folder
                  fingerprint: str | None = None, # expected teacher fingerprint (None: not checked)
                  k: int | None = None, # expected k (None: not checked)
@@ -122,13 +125,43 @@ class TeacherCache:
         if not (self.path / 'manifest.json').is_file(): raise TeacherCacheError(f'{self.path}: no manifest.json (not a teacher cache)')
         try: self.manifest = json.loads((self.path / 'manifest.json').read_text())
         except ValueError as e: raise TeacherCacheError(f'{self.path / "manifest.json"}: not valid JSON ({e}); rebuild the cache') from None
+        self._check_manifest()
         expected = {'fingerprint': fingerprint, 'k': k, 'tokenizer_hash': tokenizer_hash(tokenizer) if tokenizer is not None else None}
         for key, want in expected.items():
             if want is not None and self.manifest[key] != want:
                 raise TeacherCacheError(f'{self.path}: {key} mismatch: the cache has {self.manifest[key]!r}, expected {want!r}; rebuild the cache')
-        with safe_open(str(self.path / 'index.safetensors'), framework='np') as f:
-            self.shard, self.start, self.length = f.get_tensor('shard'), f.get_tensor('start'), f.get_tensor('length')
+        index = self.path / 'index.safetensors'
+        try:
+            with safe_open(str(index), framework='np') as f:
+                self.shard, self.start, self.length = f.get_tensor('shard'), f.get_tensor('start'), f.get_tensor('length')
+        except Exception as e: raise TeacherCacheError(f'{index}: not a valid safetensors index ({e}); rebuild the cache') from None
+        if not (len(self.shard) == len(self.start) == len(self.length) and int(self.length.sum()) == self.manifest['positions']):
+            raise TeacherCacheError(f'{index}: does not match the manifest ({int(self.length.sum())} positions in '
+                                    f'{len(self.shard)} rows, the manifest says {self.manifest["positions"]}); rebuild the cache')
+        self._check_shards()
         self._handles = {}
+
+    def _check_manifest(self):
+        "Refuse a manifest that is not an object or lacks a key."
+        where = self.path / 'manifest.json'
+        if not isinstance(self.manifest, dict): raise TeacherCacheError(f'{where}: expected a JSON object; rebuild the cache')
+        missing = [key for key in self.MANIFEST_KEYS if key not in self.manifest]
+        if missing: raise TeacherCacheError(f'{where}: missing key {missing[0]!r} (damaged or from another tool); rebuild the cache')
+        if not isinstance(self.manifest['shards'], list) or not all(isinstance(f, str) for f in self.manifest['shards']):
+            raise TeacherCacheError(f"{where}: 'shards' must be a list of file names; rebuild the cache")
+
+    def _check_shards(self):
+        "Open every shard's header: each must be safetensors with ids/logprobs [positions, k] covering the index."
+        ends = np.zeros(len(self.manifest['shards']), np.int64)
+        if len(self.shard) and not 0 <= self.shard.min() <= self.shard.max() < len(ends):
+            raise TeacherCacheError(f'{self.path / "index.safetensors"}: refers to shards the manifest does not list; rebuild the cache')
+        np.maximum.at(ends, self.shard, self.start + self.length)
+        for shard, end in enumerate(ends):
+            with self._safe_open_shard(shard) as f:
+                shapes = {name: f.get_slice(name).get_shape() if name in f.keys() else None for name in ('ids', 'logprobs')}
+            if any(shape is None or len(shape) != 2 or shape[0] < end or shape[1] != self.k for shape in shapes.values()):
+                raise TeacherCacheError(f'{self.path / self.manifest["shards"][shard]}: expected ids and logprobs [>= {end}, {self.k}], '
+                                        f'got {shapes}; rebuild the cache')
 
     @property
     def k(self) -> int: return self.manifest['k']
@@ -140,9 +173,14 @@ class TeacherCache:
                                     f'(key {self.manifest["dataset_key"]}, {self.manifest["rows"]} rows), got {dataset.path} '
                                     f'(key {dataset.cache_key}, {len(dataset)} rows); rebuild the cache')
 
+    def _safe_open_shard(self, shard: int):
+        "A safetensors handle of a shard, or TeacherCacheError naming the file."
+        file = self.path / self.manifest['shards'][shard]
+        try: return safe_open(str(file), framework='pt')
+        except Exception as e: raise TeacherCacheError(f'{file}: not a valid safetensors shard ({e}); rebuild the cache') from None
+
     def _open(self, shard: int):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.path / self.manifest['shards'][shard]), framework='pt')
+        if shard not in self._handles: self._handles[shard] = self._safe_open_shard(shard)
         return self._handles[shard]
 
     def row(self, i: int) -> tuple:

@@ -61,11 +61,19 @@ def test_enospc_inside_a_checkpoint_file(tmp_path, data_dir, monkeypatch, record
                                                   'earlier_checkpoints_loadable': 2, 'partial_files_left': 0, 'resume_bit_identical': True})
 
 
-@pytest.mark.xfail(strict=True, reason='kd_lib.checkpoint: ENOSPC while rewriting progress/checkpoints.json escapes as a raw '
-                                       'OSError (only _write_folder converts ENOSPC to CheckpointSpaceError)')
 def test_enospc_while_writing_the_manifest(tmp_path, data_dir, monkeypatch):
     run_dir, ckpts = tmp_path / 'run', tmp_path / 'run' / 'checkpoints'
-    _full_disk(monkeypatch, 'progress/.checkpoints.json.tmp')
+    hits = _full_disk(monkeypatch, 'progress/.checkpoints.json.tmp')
     try: rc, _, err = run_cli_inprocess(train_args(run_dir, data_dir, *EXTRA))
     finally: assert not _leftovers(ckpts), _leftovers(ckpts)  # the atomic write cleans up even here
-    assert rc == 2 and err.startswith('kd-lib: error: ') and 'space' in err
+    assert hits and rc == 2 and err.count('\n') == 1, (hits, err)
+    assert err.startswith('kd-lib: error: No space left on device while writing ') and 'checkpoints.json' in err, err
+    assert not (ckpts / 'progress' / 'checkpoints.json').exists()  # the first manifest never landed: no partial one either
+    steps = checkpoint_steps(ckpts, complete_only=False)
+    assert steps == [1] == checkpoint_steps(ckpts), steps  # the checkpoint itself landed, complete
+    assert CheckpointManager(ckpts, 4).load()['step'] == 1
+    monkeypatch.undo()  # space again: the run resumes from step 1 and writes the manifest
+    rc, out, _ = run_cli_inprocess(train_args(run_dir, data_dir, *EXTRA))
+    assert rc == 0 and 'finished at step 4' in out
+    manifest = json.loads((ckpts / 'progress' / 'checkpoints.json').read_text())
+    assert [c['step'] for c in manifest['checkpoints']] == checkpoint_steps(ckpts)
