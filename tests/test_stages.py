@@ -36,3 +36,11 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     pm.execute_notebook(str(ROOT / 'nbs/run_answer.ipynb'), str(tmp_path / 'answer.ipynb'), parameters=params,
                         cwd=str(ROOT / 'nbs'), progress_bar=False)
     assert (tmp_path / 'answer' / 'final' / 'model.safetensors').exists()
+
+    # the evaluation stage notebook compares the pipeline's students (with the teacher for perplexity and span KL)
+    ev = {'models': {'ce': str(run_dir / 'ce/final'), 'kd': str(run_dir / 'kd/final')}, 'tokenizer_path': str(data / 'tokenizer.json'),
+          'eval_path': str(data / 'eval.jsonl'), 'out_dir': str(tmp_path / 'eval'), 'max_examples': 4, 'max_new_tokens': 24,
+          'teacher': str(run_dir / 'teacher/final'), 'device': 'cpu'}
+    pm.execute_notebook(str(ROOT / 'nbs/run_eval.ipynb'), str(tmp_path / 'eval.ipynb'), parameters=ev, cwd=str(ROOT / 'nbs'), progress_bar=False)
+    models = json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())['models']
+    assert set(models) == {'ce', 'kd'} and all(m['episodes'] == 4 and m['perplexity'] > 1 for m in models.values())
