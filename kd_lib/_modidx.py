@@ -394,6 +394,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'kd_lib.pipeline.run_default_pipeline': ('pipeline.html#run_default_pipeline', 'kd_lib/pipeline.py'),
                                  'kd_lib.pipeline.run_stages': ('pipeline.html#run_stages', 'kd_lib/pipeline.py'),
                                  'kd_lib.pipeline.steps_to_reach': ('pipeline.html#steps_to_reach', 'kd_lib/pipeline.py'),
+                                 'kd_lib.pipeline.token_reduction_stage': ('pipeline.html#token_reduction_stage', 'kd_lib/pipeline.py'),
                                  'kd_lib.pipeline.write_results': ('pipeline.html#write_results', 'kd_lib/pipeline.py')},
             'kd_lib.process_losses': { 'kd_lib.process_losses.CawsPolicy': ('process_losses.html#cawspolicy', 'kd_lib/process_losses.py'),
                                        'kd_lib.process_losses.CawsPolicy.budgets': ( 'process_losses.html#cawspolicy.budgets',

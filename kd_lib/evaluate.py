@@ -9,7 +9,7 @@ __all__ = ['METRICS', 'KL_SPANS', 'TABLE_KEYS', 'flatten_arguments', 'same_leaf'
            'reference_text_metrics', 'evaluate_model', 'metrics_table', 'plot_metrics', 'save_eval_report',
            'evaluate_models', 'add_eval_arguments', 'parse_model_specs', 'eval_main']
 
-# %% ../nbs/50_evaluate.ipynb #89adf840
+# %% ../nbs/50_evaluate.ipynb #5c229869
 import argparse
 import json
 import math
@@ -33,7 +33,7 @@ from .synth import run_tool
 from .teachers import CheckpointTeacher
 from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer, load_tokenizer
 
-# %% ../nbs/50_evaluate.ipynb #96c9d2d9
+# %% ../nbs/50_evaluate.ipynb #f90f53fb
 def flatten_arguments(value, # a JSON value: dict, list or leaf
                       prefix: str = '', # dotted path of `value` itself
                      ) -> dict: # dotted path -> leaf value
@@ -49,7 +49,7 @@ def same_leaf(a, b) -> bool:
     "Equal JSON leaves of the same kind (booleans are not numbers)."
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
-# %% ../nbs/50_evaluate.ipynb #01fdc3dd
+# %% ../nbs/50_evaluate.ipynb #78b045a6
 def needed_calls(reference: dict # episode metadata
                 ) -> list: # the reference calls the answer needs
     "The first `needed_calls` recorded calls (a redundant episode's extra call is not expected)."
@@ -82,7 +82,7 @@ def quotes_all(answer: str, # generated final answer
     found = {answer[a:b] for a, b in integration_spans(answer, values)}
     return all(v in found for v in values)
 
-# %% ../nbs/50_evaluate.ipynb #75a3daa8
+# %% ../nbs/50_evaluate.ipynb #49d04437
 @dataclass
 class EpisodeScore:
     "Counts from one episode; `summarize` adds them over episodes."
@@ -107,7 +107,7 @@ def _field_counts(generated: dict, reference: dict, same_tool: bool) -> tuple:
     tp = sum(1 for k, v in gen.items() if same_tool and k in ref and same_leaf(v, ref[k]))
     return tp, len(gen) - tp, len(ref) - tp
 
-# %% ../nbs/50_evaluate.ipynb #e7196e42
+# %% ../nbs/50_evaluate.ipynb #1b3f7a4b
 def score_episode(reference: dict, # episode metadata: `calls` [{name, arguments, result}], `answer`, `kind`
                   transcript: str, # generated text after the prompt (special tokens kept)
                   generated_tokens: int = 0, # model tokens generated for it
@@ -134,7 +134,7 @@ def score_episode(reference: dict, # episode metadata: `calls` [{name, arguments
     s.answer_exact = normalize_answer(answer) == normalize_answer(reference.get('answer', ''))
     return s
 
-# %% ../nbs/50_evaluate.ipynb #43e3e265
+# %% ../nbs/50_evaluate.ipynb #828ee5e2
 METRICS = ('tool_name_accuracy', 'json_validity', 'argument_exact_match', 'argument_field_f1', 'integration_accuracy',
            'no_tool_precision', 'no_tool_recall', 'answer_exact_match')  # the rates in [0, 1], in table order
 
@@ -161,7 +161,7 @@ def summarize(scores: list, # EpisodeScore per episode
         'tokens_per_second': _ratio(total['generated_tokens'], seconds) if seconds else None,
     }
 
-# %% ../nbs/50_evaluate.ipynb #f0d92b97
+# %% ../nbs/50_evaluate.ipynb #8b763b0c
 def load_eval_rows(path_or_rows, # KD-format JSONL path, or a list of rows
                    max_examples: int | None = None, # keep only the first rows
                   ) -> list: # rows {'prompt', 'teacher_text', 'metadata'}
@@ -183,7 +183,7 @@ def load_eval_rows(path_or_rows, # KD-format JSONL path, or a list of rows
         if 'answer' not in r.get('metadata', {}): raise ValueError(f'row {i}: metadata.answer: missing: evaluation needs the reference answer')
     return rows
 
-# %% ../nbs/50_evaluate.ipynb #a4bc9a8b
+# %% ../nbs/50_evaluate.ipynb #aff5da43
 def resolve_tool_result(reference: dict, # episode metadata with the recorded `calls`
                         call, # kd_lib.extractors.ToolCall parsed from the generation, or None
                        ) -> dict: # the JSON result to inject
@@ -198,7 +198,7 @@ def render_tool_result(result: dict) -> str:
     "The tool-result block appended to the transcript."
     return f'{TOOL_RESULT}{json.dumps(result, ensure_ascii=False)}{TOOL_RESULT_END}'
 
-# %% ../nbs/50_evaluate.ipynb #2df9726f
+# %% ../nbs/50_evaluate.ipynb #2d6a47d0
 @dataclass
 class Rollout:
     "One episode's generation."
@@ -215,7 +215,7 @@ def _left_pad(seqs: list, pad_id: int, device) -> tuple:
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
-# %% ../nbs/50_evaluate.ipynb #3d8d92c7
+# %% ../nbs/50_evaluate.ipynb #604e7ad2
 def _halt_mask(model, cache, fed: list, halted: torch.Tensor, threshold: float, result_end_id: int) -> torch.Tensor:
     "Rows that halt: already halted, or just fed </tool_result> with a halt probability >= threshold."
     at_boundary = torch.tensor([t == result_end_id for t in fed], device=halted.device)
@@ -281,7 +281,7 @@ def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
     stop = [s or 'max_seq_len' for s in stop]
     return [Rollout(tok.decode(o, skip_special_tokens=False), g, c, s, len(o) + n) for o, g, c, s, n in zip(out, generated, calls, stop, slots)]
 
-# %% ../nbs/50_evaluate.ipynb #64aea88e
+# %% ../nbs/50_evaluate.ipynb #67828a87
 KL_SPANS = {'kl_to_teacher': None, 'kl_tool_name': 'tool_name_mask', 'kl_arguments': 'json_argument_mask',
             'kl_integration': 'integration_mask'}  # summary key -> batch mask (None: every labelled token)
 
@@ -316,7 +316,7 @@ def reference_text_metrics(model, # StudentLM-like: model(ids, mask).logits
     if teacher is not None: out.update({k: _ratio(kl[k], counts[k]) for k in KL_SPANS})
     return out
 
-# %% ../nbs/50_evaluate.ipynb #c31096b0
+# %% ../nbs/50_evaluate.ipynb #a8f44a22
 def evaluate_model(model, # StudentLM-like (prefill / step / forward)
                    tokenizer, # tokenizers.Tokenizer with kd_lib's special tokens
                    eval_path_or_rows, # held-out JSONL path or list of rows
@@ -352,7 +352,7 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
     if keep_rollouts: summary['rollouts'] = [asdict(ro) for ro in rollouts]
     return summary
 
-# %% ../nbs/50_evaluate.ipynb #89ca95c3
+# %% ../nbs/50_evaluate.ipynb #54c49f2b
 TABLE_KEYS = ('episodes', *METRICS, 'mean_generated_tokens', 'tokens_per_second', 'perplexity', *KL_SPANS)  # table rows, in order
 
 def _cell(key: str, value) -> str:
@@ -402,7 +402,7 @@ def save_eval_report(results: dict, # model name -> summary
     plot_metrics(results).savefig(paths['plot'], dpi=100)
     return paths
 
-# %% ../nbs/50_evaluate.ipynb #0fe8a84e
+# %% ../nbs/50_evaluate.ipynb #479ee485
 def evaluate_models(models: dict, # name -> model (StudentLM-like)
                     tokenizer, # tokenizers.Tokenizer with kd_lib's special tokens
                     eval_path_or_rows, # held-out JSONL path or list of rows

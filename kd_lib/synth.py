@@ -6,14 +6,14 @@
 __all__ = ['UNITS', 'CURRENCIES', 'CUISINES', 'MODES', 'TOOLS', 'Tool', 'validate_arguments', 'run_tool', 'make_episode',
            'iter_episodes', 'generate_episodes', 'write_jsonl', 'write_corpus']
 
-# %% ../nbs/02_synth.ipynb #762a126b
+# %% ../nbs/02_synth.ipynb #fc7c5df0
 import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# %% ../nbs/02_synth.ipynb #dd209e64
+# %% ../nbs/02_synth.ipynb #8dea0ad2
 @dataclass(frozen=True)
 class Tool:
     "A tool the assistant may call: its name, one-line description and JSON-schema parameters."
@@ -52,7 +52,7 @@ TOOLS = {t.name: t for t in [
     Tool('calculate', 'evaluate a simple arithmetic expression', _obj(['expression'], expression=_S)),
 ]}
 
-# %% ../nbs/02_synth.ipynb #1d13c2aa
+# %% ../nbs/02_synth.ipynb #083607c7
 _TYPES = {'string': str, 'number': (int, float), 'integer': int, 'boolean': bool, 'object': dict, 'array': list}
 
 def _check_value(value, schema: dict, where: str) -> list:
@@ -67,7 +67,7 @@ def _check_value(value, schema: dict, where: str) -> list:
     return errors + [e for k, v in value.items() if k in schema['properties']
                      for e in _check_value(v, schema['properties'][k], f'{where}.{k}')]
 
-# %% ../nbs/02_synth.ipynb #b5ef434c
+# %% ../nbs/02_synth.ipynb #bbb090f0
 def validate_arguments(name: str, # tool name
                        arguments, # the call's arguments (should be a dict)
                       ) -> list: # problems found; empty when the call is valid
@@ -75,7 +75,7 @@ def validate_arguments(name: str, # tool name
     if name not in TOOLS: return [f'unknown tool {name!r}']
     return _check_value(arguments, TOOLS[name].parameters, 'arguments')
 
-# %% ../nbs/02_synth.ipynb #a2eb933c
+# %% ../nbs/02_synth.ipynb #fa8563a8
 def _call_rng(name: str, arguments: dict) -> random.Random:
     key = json.dumps([name, arguments], sort_keys=True, ensure_ascii=False)
     return random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
@@ -123,7 +123,7 @@ def _result(name: str, a: dict, rng: random.Random) -> dict:
         return {'km': km, 'minutes': km * {'driving': 1, 'cycling': 4, 'walking': 12}[a.get('mode', 'driving')]}
     return _calculate(a['expression'])
 
-# %% ../nbs/02_synth.ipynb #3411a140
+# %% ../nbs/02_synth.ipynb #2c7d99d6
 def run_tool(name: str, # tool name
              arguments, # the call's arguments
             ) -> dict: # the tool's JSON result, or {"error": ...}
@@ -132,7 +132,7 @@ def run_tool(name: str, # tool name
     if errors: return {'error': '; '.join(errors)}
     return _result(name, arguments, _call_rng(name, arguments))
 
-# %% ../nbs/02_synth.ipynb #6fffc588
+# %% ../nbs/02_synth.ipynb #a9da6339
 CITIES = ['Paris', 'London', 'Berlin', 'Madrid', 'Rome', 'Vienna', 'Prague', 'Oslo', 'Lisbon', 'Dublin', 'Zürich',
           'São Paulo', 'Kraków', 'Malmö', 'Reykjavík', 'Tokyo', 'Osaka', 'Seoul', 'Toronto', 'Boston', 'Denver',
           'Austin', 'Sydney', 'Perth', 'Cairo', 'Nairobi', 'Lima', 'Quito', 'Hanoi', 'Delhi', 'Mumbai', 'Dubai',
@@ -155,13 +155,19 @@ def _pool(values: list, split: str) -> list:
     "The training (3 of every 4) or held-out (every 4th) part of a value pool."
     return [v for i, v in enumerate(values) if (i % 4 == 3) == (split == 'eval')]
 
-# %% ../nbs/02_synth.ipynb #85999222
+# %% ../nbs/02_synth.ipynb #565c83a7
+_FRAMES = {'train': [('', ''), ('Hi! ', ''), ('Hello. ', ''), ('Okay. ', ''), ('One more thing. ', ''),
+                     ('', ' Thanks.'), ('', ' Please.'), ('Hi! ', ' Thanks.')],
+           'eval': [('Good evening. ', ''), ('Alright. ', ''), ('', ' Much obliged.'), ('Good evening. ', ' Cheers.')]}
+
 class _Draw:
     "Draws argument values and phrasings for one split."
     def __init__(self, rng: random.Random, split: str): self.rng, self.split = rng, split
     def pick(self, values: list): return self.rng.choice(_pool(values, self.split))
     def phrase(self, options: list, **values) -> str:
-        return (options[-1] if self.split == 'eval' else self.rng.choice(options[:-1])).format(**values)
+        core = self.rng.choice(options if self.split == 'eval' else options[:-1])
+        lead, closing = self.rng.choice(_FRAMES[self.split])
+        return lead + core.format(**values) + closing
 
 def _weather(d: _Draw):
     city, unit = d.pick(CITIES), d.rng.choice(UNITS)
@@ -274,7 +280,7 @@ def _calc(d: _Draw):
 
 _SINGLE = [_weather, _time, _currency, _stock, _flight, _email, _event, _restaurant, _order, _hotel, _distance, _calc]
 
-# %% ../nbs/02_synth.ipynb #a5aba532
+# %% ../nbs/02_synth.ipynb #e4c3b616
 def _user_weather(d: _Draw):
     user, unit = d.pick(_USERS), d.rng.choice(UNITS)
     prompt = d.phrase(['What is the weather where {user} lives, in {unit}?', 'How warm is it in the city of user {user}? Use {unit}.',
@@ -335,7 +341,7 @@ def _user_time_distance(d: _Draw):
 
 _CHAIN = [_user_weather, _user_email, _stock_convert, _flight_convert, _dinner_event, _user_time_distance]
 
-# %% ../nbs/02_synth.ipynb #638b5554
+# %% ../nbs/02_synth.ipynb #3f192112
 def _redundant(d: _Draw):
     prompt, calls, answer = d.rng.choice([_weather, _stock, _order, _restaurant])(d)
     city = d.pick(CITIES)
@@ -359,7 +365,7 @@ def _direct(d: _Draw):
     templates, answer = d.rng.choice(options)
     return d.phrase(templates, a=a, b=b), answer
 
-# %% ../nbs/02_synth.ipynb #857163b5
+# %% ../nbs/02_synth.ipynb #5ee2d34b
 def _dump(obj) -> str: return json.dumps(obj, ensure_ascii=False)
 
 def _code_value(value, ref: dict) -> str:
@@ -386,7 +392,7 @@ def _render(calls: list, answer: str, plan: list | None) -> str:
                      f'<tool_result>{_dump(c["result"])}</tool_result>')
     return ''.join(parts) + answer
 
-# %% ../nbs/02_synth.ipynb #dfa99189
+# %% ../nbs/02_synth.ipynb #03fe9836
 def make_episode(rng: random.Random, # the generator's random state (advanced in place)
                  split: str = 'train', # 'train' or 'eval' (held-out values and phrasings)
                  kind: str | None = None, # force 'single', 'chain', 'none' or 'redundant'; None draws one
@@ -422,7 +428,7 @@ def make_episode(rng: random.Random, # the generator's random state (advanced in
         meta['code_text'] = _code_text(calls, needed, fields)
     return {'prompt': prompt + '\n', 'teacher_text': _render(calls, answer, plan if plans else None), 'metadata': meta}
 
-# %% ../nbs/02_synth.ipynb #b50b5c7e
+# %% ../nbs/02_synth.ipynb #8612de66
 def iter_episodes(n: int, # number of episodes
                   seed: int = 0, # generator seed
                   split: str = 'train', # 'train' or 'eval'

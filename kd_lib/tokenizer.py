@@ -8,7 +8,7 @@ __all__ = ['PAD', 'BOS', 'EOS', 'TOOL_CALL', 'TOOL_CALL_END', 'TOOL_RESULT', 'TO
            'load_tokenizer', 'tokenizer_hash', 'verify_special_tokens', 'add_special_tokens_and_resize',
            'tokenizer_compatibility']
 
-# %% ../nbs/03_tokenizer.ipynb #55a60680
+# %% ../nbs/03_tokenizer.ipynb #e7f90ee3
 import hashlib
 import json
 from dataclasses import replace as dataclasses_replace
@@ -18,7 +18,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
-# %% ../nbs/03_tokenizer.ipynb #d95c1336
+# %% ../nbs/03_tokenizer.ipynb #e07fb752
 PAD, BOS, EOS = '<pad>', '<bos>', '<eos>'
 TOOL_CALL, TOOL_CALL_END = '<tool_call>', '</tool_call>'
 TOOL_RESULT, TOOL_RESULT_END = '<tool_result>', '</tool_result>'
@@ -28,9 +28,9 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RES
 class TokenizerError(ValueError):
     "A tokenizer is missing something kd_lib needs, or a teacher/student pair cannot share logits."
 
-# %% ../nbs/03_tokenizer.ipynb #566ba86c
+# %% ../nbs/03_tokenizer.ipynb #fe6bf402
 _P = r'[^\p{L}\p{M}\p{N}\s{}\[\]_]'  # punctuation other than brackets and underscore
-_PIECES = rf'[\p{{L}}\p{{M}}_]+|\p{{N}}+|[{{}}\[\]]|{_P}+(?:\s{_P}+)*\s?|\s+'
+_PIECES = rf'[\p{{L}}\p{{M}}_]+|\p{{N}}|[{{}}\[\]]|{_P}+(?:\s{_P}+)*\s?|\s+'
 
 def _empty_bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
@@ -52,7 +52,7 @@ def build_tokenizer(texts, # iterable of training strings
     tok.train_from_iterator(texts, trainer)
     return tok
 
-# %% ../nbs/03_tokenizer.ipynb #191f1580
+# %% ../nbs/03_tokenizer.ipynb #3daa3c2b
 def save_tokenizer(tokenizer: Tokenizer, # tokenizer to save
                    path, # a tokenizer.json path or a folder (tokenizer.json is written inside)
                   ) -> Path: # the written file
@@ -87,14 +87,14 @@ def load_tokenizer(path, # tokenizer.json file, or a folder holding one (or a Hu
     if path.is_dir(): return backend_tokenizer(load_hf_tokenizer(path))
     raise TokenizerError(f'{path}: no tokenizer.json or tokenizer folder there')
 
-# %% ../nbs/03_tokenizer.ipynb #b292e388
+# %% ../nbs/03_tokenizer.ipynb #74e0107e
 def tokenizer_hash(tokenizer, # a tokenizers.Tokenizer or a Hugging Face fast tokenizer
                   ) -> str: # 16 hex digits
     "A stable content hash of a tokenizer."
     canonical = json.dumps(json.loads(backend_tokenizer(tokenizer).to_str()), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-# %% ../nbs/03_tokenizer.ipynb #62916e9c
+# %% ../nbs/03_tokenizer.ipynb #97f810a3
 def _token_count(tokenizer) -> int:
     "len(tokenizer): every id the tokenizer can produce, added tokens included."
     return backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
@@ -143,7 +143,7 @@ def _set_vocab_size(model: nn.Module, n: int):
         if hasattr(cfg, '__dataclass_fields__'): setattr(model, attr, dataclasses_replace(cfg, vocab_size=n))
         else: cfg.vocab_size = n
 
-# %% ../nbs/03_tokenizer.ipynb #94c7fa66
+# %% ../nbs/03_tokenizer.ipynb #2ad2a277
 def add_special_tokens_and_resize(tokenizer, # tokenizers.Tokenizer or Hugging Face fast tokenizer (changed in place)
                                   model: nn.Module, # model with get_input_embeddings() / get_output_embeddings()
                                   tokens=SPECIAL_TOKENS, # tokens that must exist
@@ -172,7 +172,7 @@ def add_special_tokens_and_resize(tokenizer, # tokenizers.Tokenizer or Hugging F
     verify_special_tokens(tokenizer, model, tokens)
     return {'added': missing, 'ids': new_ids, 'rows_before': n_trained, 'rows_after': n_rows}
 
-# %% ../nbs/03_tokenizer.ipynb #c752245d
+# %% ../nbs/03_tokenizer.ipynb #a6cfde0b
 def tokenizer_compatibility(teacher_tokenizer, # the teacher's tokenizer
                             student_tokenizer, # the student's tokenizer
                             teacher_vocab_size: int | None = None, # rows of the teacher's output head (None: len(tokenizer))

@@ -11,7 +11,7 @@ from kd_lib.tracing import read_metrics
 def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     run_dir = tmp_path / 'default'
     records = run_default_pipeline(run_dir, TINY)
-    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'qat', 'report']
+    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'qat', 'token_reduction', 'report']
     for stage in ('teacher', 'ce', 'kd', 'kd_process'):
         assert (run_dir / stage / 'final' / 'model.safetensors').exists(), stage
         assert (run_dir / 'notebooks' / f'{stage}.ipynb').exists(), stage
@@ -23,6 +23,24 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     assert '| kd_process |' in text and (run_dir / 'results_metrics.png').exists()
     assert (run_dir / 'qat' / 'final_int8' / 'model.safetensors').exists() and 'int8' in text
     assert json.loads((run_dir / 'teacher_cache' / 'manifest.json').read_text())['k'] == 4
+    # the token-reduction table: a row per student (and the halting row), every number parses
+    tr = run_dir / 'token_reduction'
+    assert all((tr / s / 'final' / 'model.safetensors').exists() for s in ('direct', 'code_mode', 'plan', 'latent'))
+    assert records['token_reduction']['episodes'] == 4 and records['token_reduction']['steps'] == 4
+    section = text.split('## Token reduction')[1].split('## Stage times')[0]
+    assert 'trained 4 steps' in section and 'same 4 held-out episodes' in section and 'halt head' in section
+    table = [line for line in section.splitlines() if line.startswith('|')]
+    assert table == (tr / 'token_reduction.md').read_text().splitlines()
+    assert 'generated tokens / episode' in table[0] and 'unneeded tool calls / episode' in table[0]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip('|').split('|')] for line in table[2:])}
+    assert list(rows) == ['direct', 'direct + halting', 'code_mode', 'plan', 'latent']
+    results = {r['student']: r for r in json.loads((tr / 'token_reduction.json').read_text())['results']}
+    for name, cells in rows.items():
+        generated, context, exact, integration, calls, unneeded = cells
+        assert 0 < float(generated) <= 160 and float(context) >= float(generated) - 0.05, name
+        assert 0 <= float(exact) <= 1 and float(calls) >= 0 and 0 <= float(unneeded) <= float(calls) + 0.005, name
+        assert integration == '-' or 0 <= float(integration) <= 1, name
+        assert abs(float(generated) - results[name]['generated_tokens']) <= 0.05, name
     # a rerun resumes: every stage is already done
     assert run_default_pipeline(run_dir, TINY) == records
 
