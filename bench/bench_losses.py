@@ -2,16 +2,24 @@
 
 Each configuration runs in a fresh subprocess (so ru_maxrss is its own peak). The plain path is a training step
 as written without fusion: student logits = hidden @ W.T, teacher logits = teacher_hidden @ W_t.T (no grad),
-`generalized_jsd`, backward. The fused path gets the same loss and gradients chunk by chunk.
+`generalized_jsd`, backward. The fused path gets the same loss and gradients from `kd_lib.fused.fused_linear_kd_loss`.
 
-    .venv/bin/python bench/bench_losses.py --repeats 1     # 1024/4096 tokens x 32k/128k vocab, hidden 512 (~10 min)
+    .venv/bin/python bench/bench_losses.py --repeats 1     # fp32 and bf16, 1024/4096 tokens x 32k/128k vocab, hidden 512 (~25 min)
+    .venv/bin/python bench/bench_losses.py --repeats 1 --hidden 256 512   # the same at two hidden sizes (~50 min)
     .venv/bin/python bench/bench_losses.py --tokens 256 --vocabs 8192 --repeats 1   # quick check
 
+What it measures, per row (dtype, hidden, vocab, tokens): the peak RSS (ru_maxrss) of each path's process, the
+headline; the peak above the RSS once torch, the inputs and the weights exist ("above setup"); the median time of
+forward + backward after one warm-up. `--dtype` sets the dtype of the hidden states and head weights (bf16 is how
+LLM distillation runs; the losses compute in fp32 inside either way). Hidden size 512 for student and teacher by
+default: a small real model's. The fused peak cannot go below what both paths hold anyway (torch, the two [V, D]
+heads and the head gradient), which a larger hidden size makes larger against the plain path's [N, V] logits, so
+`--hidden` takes several sizes and every one gets its rows.
+
 The fused chunk is the library's default (`chunk_size=0`: about `kd_lib.fused.AUTO_CHUNK_LOGITS` logits a chunk)
-unless `--chunk-size` sets the tokens per chunk. Hidden size 512 for student and teacher: a small real model's
-(a larger one makes the two [V, D] heads and the head gradient, which both paths need, dominate both peaks).
-A subprocess runs under an address-space limit (`--mem-limit-gb`), so a configuration that would not fit
-reports OOM instead of starving the machine; the peak ratio is then an upper bound (fused peak / limit).
+unless `--chunk-size` sets the tokens per chunk. A subprocess runs under an address-space limit (`--mem-limit-gb`),
+so a configuration that would not fit reports OOM instead of starving the machine; the peak ratio is then an
+upper bound (fused peak / limit). Keep `--threads 1` on a shared machine.
 """
 import argparse
 import json
@@ -27,13 +35,18 @@ from kd_lib.fused import AUTO_CHUNK_LOGITS, fused_linear_kd_loss
 from kd_lib.losses import generalized_jsd
 
 
-def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chunk_size: int, threads: int) -> dict:
+DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16)
+
+
+def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chunk_size: int, threads: int, dtype: str) -> dict:
     "One configuration in this process: median time of forward+backward and the peak RSS."
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    h = torch.randn(tokens, hidden, requires_grad=True)
-    w = torch.randn(vocab, hidden).mul_(hidden ** -0.5).requires_grad_()  # in place: no transient [V, D] copy
-    teacher_h, teacher_w = torch.randn(tokens, hidden), torch.randn(vocab, hidden).mul_(hidden ** -0.5)
+    dt = DTYPES[dtype]
+    h = torch.randn(tokens, hidden, dtype=dt, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=dt).mul_(hidden ** -0.5).requires_grad_()  # in place: no transient [V, D] copy
+    teacher_h = torch.randn(tokens, hidden, dtype=dt)
+    teacher_w = torch.randn(vocab, hidden, dtype=dt).mul_(hidden ** -0.5)
     labels = torch.randint(0, vocab, (tokens,))
     labels[torch.rand(tokens) < 0.1] = -100
     setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -59,10 +72,10 @@ def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chu
                 setup_mb=setup_mb)
 
 
-def spawn(method: str, tokens: int, vocab: int, args) -> dict:
+def spawn(method: str, tokens: int, vocab: int, hidden: int, dtype: str, args) -> dict:
     "Run one configuration in a fresh interpreter under the memory limit."
     cmd = [sys.executable, __file__, '--worker', method, '--tokens', str(tokens), '--vocabs', str(vocab),
-           '--hidden', str(args.hidden), '--repeats', str(args.repeats), '--chunk-size', str(args.chunk_size),
+           '--hidden', str(hidden), '--dtype', dtype, '--repeats', str(args.repeats), '--chunk-size', str(args.chunk_size),
            '--threads', str(args.threads), '--mem-limit-gb', str(args.mem_limit_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -80,7 +93,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--tokens', type=int, nargs='+', default=[1024, 4096])
     parser.add_argument('--vocabs', type=int, nargs='+', default=[32768, 131072])
-    parser.add_argument('--hidden', type=int, default=512, help='hidden size of student and teacher')
+    parser.add_argument('--hidden', type=int, nargs='+', default=[512], help='hidden sizes of student and teacher (each one a row)')
+    parser.add_argument('--dtype', nargs='+', choices=list(DTYPES), default=['fp32', 'bf16'],
+                        help='dtype of hidden states and head weights (each one a row); the losses compute in fp32')
     parser.add_argument('--repeats', type=int, default=2, help='timed repeats after one warm-up')
     parser.add_argument('--chunk-size', type=int, default=0, help='fused tokens per chunk; 0: the library default (auto)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads of each run')
@@ -90,25 +105,29 @@ def main():
     if args.worker:
         limit = int(args.mem_limit_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(run_one(args.worker, args.tokens[0], args.vocabs[0], args.hidden, args.repeats, args.chunk_size, args.threads)))
+        print(json.dumps(run_one(args.worker, args.tokens[0], args.vocabs[0], args.hidden[0], args.repeats, args.chunk_size,
+                                 args.threads, args.dtype[0])))
         return
     chunk = f'{args.chunk_size} tokens' if args.chunk_size else f'auto (~{AUTO_CHUNK_LOGITS} logits)'
-    print(f'hidden {args.hidden}, fp32, generalized JSD beta=0.5, fused chunk {chunk}, '
-          f'median of {args.repeats} after a warm-up, torch threads {args.threads}, limit {args.mem_limit_gb} GB per run')
-    print('peak = ru_maxrss of the run; above setup = peak minus the RSS once the inputs and weights exist')
-    print(f"{'vocab':>7} {'tokens':>6} | {'plain peak':>10} {'fused peak':>10} {'fused/plain':>11} | "
+    print(f'generalized JSD beta=0.5, fused chunk {chunk}, median of {args.repeats} after a warm-up, '
+          f'torch threads {args.threads}, limit {args.mem_limit_gb} GB per run, torch {torch.__version__}')
+    print('peak = ru_maxrss of the run; above setup = peak minus the RSS once the inputs and weights exist; '
+          '<x: plain ran out of the limit, x = fused peak / limit bounds the ratio')
+    print(f"{'dtype':>5} {'hidden':>6} {'vocab':>7} {'tokens':>6} | {'plain peak':>10} {'fused peak':>10} {'fused/plain':>11} | "
           f"{'plain above':>11} {'fused above':>11} {'fused/plain':>11} | {'plain time':>10} {'fused time':>10} {'fused/plain':>11}")
-    for vocab in args.vocabs:
-        for tokens in args.tokens:
-            plain, fused = spawn('plain', tokens, vocab, args), spawn('fused', tokens, vocab, args)
-            ok = 'error' not in plain and 'error' not in fused
-            for r in (plain, fused):
-                if 'error' not in r: r['above_mb'] = r['peak_mb'] - r['setup_mb']
-            ratio = lambda key: f"{fused[key] / plain[key]:11.3f}" if ok else f"{'-':>11}"
-            peak_ratio = ratio('peak_mb') if ok or 'error' in fused else f"{'<' + format(fused['peak_mb'] / (args.mem_limit_gb * 1024), '.3f'):>11}"
-            print(f"{vocab:>7} {tokens:>6} | {fmt(plain, 'peak_mb', 'M')} {fmt(fused, 'peak_mb', 'M')} {peak_ratio} | "
-                  f"{fmt(plain, 'above_mb', 'M'):>11} {fmt(fused, 'above_mb', 'M'):>11} {ratio('above_mb')} | "
-                  f"{fmt(plain, 'time_s', 's')} {fmt(fused, 'time_s', 's')} {ratio('time_s')}", flush=True)
+    for dtype in args.dtype:
+        for hidden in args.hidden:
+            for vocab in args.vocabs:
+                for tokens in args.tokens:
+                    plain, fused = spawn('plain', tokens, vocab, hidden, dtype, args), spawn('fused', tokens, vocab, hidden, dtype, args)
+                    ok = 'error' not in plain and 'error' not in fused
+                    for r in (plain, fused):
+                        if 'error' not in r: r['above_mb'] = r['peak_mb'] - r['setup_mb']
+                    ratio = lambda key: f"{fused[key] / plain[key]:11.3f}" if ok else f"{'-':>11}"
+                    peak_ratio = ratio('peak_mb') if ok or 'error' in fused else f"{'<' + format(fused['peak_mb'] / (args.mem_limit_gb * 1024), '.3f'):>11}"
+                    print(f"{dtype:>5} {hidden:>6} {vocab:>7} {tokens:>6} | {fmt(plain, 'peak_mb', 'M')} {fmt(fused, 'peak_mb', 'M')} {peak_ratio} | "
+                          f"{fmt(plain, 'above_mb', 'M'):>11} {fmt(fused, 'above_mb', 'M'):>11} {ratio('above_mb')} | "
+                          f"{fmt(plain, 'time_s', 's')} {fmt(fused, 'time_s', 's')} {ratio('time_s')}", flush=True)
 
 
 if __name__ == '__main__':

@@ -137,6 +137,98 @@ def _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_weight, topk_ids
     if teacher_hidden is not None: return torch.mm(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(out.dtype), teacher_weight.T, out=out)
     return None
 
+# %% ../nbs/21_fused.ipynb #b7f2d4e2
+def _vocab_blocks(vocab: int, rows: int, chunk_size: int) -> list:
+    "Vocabulary blocks [v0, v1) such that a [rows, block] buffer holds about chunk_size * vocab logits (at least one column)."
+    width = max(1, min(vocab, chunk_size * vocab // max(rows, 1)))
+    return [(v0, min(v0 + width, vocab)) for v0 in range(0, vocab, width)]
+
+def _head_blocks(weight, dtype, width):
+    "A function (v0, v1) -> rows v0:v1 of `weight` in `dtype`, cast through one reused [width, D] buffer if needed."
+    weight = weight.detach()
+    if weight.dtype == dtype: return lambda v0, v1: weight[v0:v1]
+    buffer = weight.new_empty((width, weight.shape[1]), dtype=dtype)
+    return lambda v0, v1: buffer[:v1 - v0].copy_(weight[v0:v1])
+
+def _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, dtype, width):
+    "A function (v0, v1, out) writing the teacher logits of the kept rows over vocabulary block [v0, v1) into `out`."
+    if teacher_logits is not None:
+        flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        if flat.dtype == dtype: return lambda v0, v1, out: torch.index_select(flat[:, v0:v1], 0, kept_rows, out=out)
+        return lambda v0, v1, out: out.copy_(flat[:, v0:v1].index_select(0, kept_rows))
+    rows, head = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept_rows].to(dtype), _head_blocks(teacher_weight, dtype, width)
+    return lambda v0, v1, out: torch.mm(rows, head(v0, v1).T, out=out)
+
+def _row_logsumexp(x, scratch):
+    "[n, 1] log-sum-exp of the rows of `x` through `scratch` (x's shape); -inf for a row of -inf."
+    top = x.amax(-1, keepdim=True)
+    top.masked_fill_(top == -torch.inf, 0.0)
+    return torch.sub(x, top, out=scratch).exp_().sum(-1, keepdim=True).log_().add_(top)
+
+def _jsd_blocked(hidden_rows, head, targets, teacher, blocks, opts: FusedKDOptions, norm, grad_weight):
+    "Summed generalized JSD and CE of the kept rows, and the gradient wrt them; the head gradient / norm goes into `grad_weight`."
+    K, dtype = hidden_rows.shape[0], hidden_rows.dtype
+    tau, beta, lowest, tiny = opts.temperature, opts.beta, torch.finfo(dtype).min, torch.finfo(dtype).tiny
+    ce_other_temperature = opts.ce_weight > 0 and tau != 1.0
+    width = blocks[0][1] - blocks[0][0]
+    flat = hidden_rows.new_empty((4, K * width))
+    grad_block = None if grad_weight is None or grad_weight.dtype == dtype else hidden_rows.new_empty((width, hidden_rows.shape[1]))
+    def buffers(v0, v1): return [b[:K * (v1 - v0)].view(K, v1 - v0) for b in flat]
+    def scaled_(x): return x.div_(tau) if tau != 1.0 else x
+    def targets_in(v0, v1):
+        rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+        return rows, targets[rows] - v0
+    lse_s, lse_t, lse_1, target_logits = [], [], [], hidden_rows.new_zeros(K)
+    for v0, v1 in blocks:  # 1: log-normalizers, and the logits of the targets
+        z, zt, scratch, _ = buffers(v0, v1)
+        torch.mm(hidden_rows, head(v0, v1).T, out=z)
+        teacher(v0, v1, zt)
+        if opts.ce_weight > 0:
+            rows, cols = targets_in(v0, v1)
+            target_logits[rows] = z[rows, cols]
+        if ce_other_temperature: lse_1.append(_row_logsumexp(z, scratch))
+        lse_s.append(_row_logsumexp(scaled_(z), scratch))
+        lse_t.append(_row_logsumexp(scaled_(zt), scratch))
+    lse_s, lse_t = torch.stack(lse_s).logsumexp(0), torch.stack(lse_t).logsumexp(0)
+    lse_1 = torch.stack(lse_1).logsumexp(0) if ce_other_temperature else lse_s
+    ce = (lse_1.squeeze(1) - target_logits).sum() if opts.ce_weight > 0 else hidden_rows.new_zeros(())
+
+    def terms(v0, v1, w):
+        "s, t, p = exp(s) and log m of a block in the four buffers."
+        s, t, p, log_m = buffers(v0, v1)
+        torch.mm(hidden_rows, w.T, out=s)
+        teacher(v0, v1, t)
+        scaled_(s).sub_(lse_s)
+        scaled_(t).sub_(lse_t).clamp_min_(lowest)
+        torch.exp(t, out=log_m).mul_(beta).add_(torch.exp(s, out=p), alpha=1 - beta).clamp_min_(tiny).log_()
+        return s, t, p, log_m
+    row_g, teacher_terms = hidden_rows.new_zeros((K, 1)), hidden_rows.new_zeros(())
+    for v0, v1 in blocks:  # 2: the divergence and the row sums of g = (1 - beta) p (s - log m)
+        s, t, p, log_m = terms(v0, v1, head(v0, v1))
+        row_g += s.sub_(log_m).mul_(p).sum(-1, keepdim=True)
+        q = torch.exp(t, out=p)
+        teacher_terms += t.sub_(log_m).mul_(q).sum()
+    row_g.mul_(1 - beta)
+    kd = beta * teacher_terms + row_g.sum()
+    grad_hidden = torch.zeros_like(hidden_rows)
+    for v0, v1 in blocks:  # 3: the gradient wrt the logits, then wrt the hidden states and the head's rows
+        w = head(v0, v1)
+        s, t, p, log_m = terms(v0, v1, w)
+        p_ce = torch.add(s, lse_s, out=t).mul_(tau).sub_(lse_1).exp_() if ce_other_temperature else p  # softmax at 1
+        grad = s.sub_(log_m).mul_(p).mul_(1 - beta).addcmul_(p, row_g, value=-1.0).mul_(opts.kd_weight / tau)
+        if opts.ce_weight > 0:
+            grad.add_(p_ce, alpha=opts.ce_weight)
+            grad.index_put_(targets_in(v0, v1), grad.new_tensor(-opts.ce_weight), accumulate=True)
+        grad_hidden.addmm_(grad, w)
+        if grad_block is not None: grad_weight[v0:v1] = torch.mm(grad.T, hidden_rows, out=grad_block[:v1 - v0]).div_(norm)
+        elif grad_weight is not None: torch.mm(grad.T, hidden_rows, out=grad_weight[v0:v1]).div_(norm)
+    return kd, ce, grad_hidden
+
+def _is_blocked(weight, topk_ids, opts: FusedKDOptions) -> bool:
+    "Whether the loss takes the vocabulary-block path: the generalized JSD against a full teacher, with a head below fp32."
+    below_fp32 = torch.promote_types(weight.dtype, torch.float32) != weight.dtype
+    return below_fp32 and topk_ids is None and opts.kd_weight > 0 and resolve_divergence(opts.divergence, opts.beta) == 'jsd'
+
 # %% ../nbs/21_fused.ipynb #9d1b3faa
 class FusedLinearKD(torch.autograd.Function):
     "Chunked KD + CE from hidden states; gradients computed in the forward, scaled in the backward."
@@ -144,26 +236,36 @@ class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, norm, teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, opts):
         flat_hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        head = upcast(weight)
-        teacher_head = None if teacher_weight is None else teacher_weight.detach().to(head.dtype)
-        grad_hidden = torch.zeros(flat_hidden.shape, dtype=head.dtype, device=hidden.device)
-        grad_weight = torch.zeros_like(head) if ctx.needs_input_grad[1] else None
-        kd_sum = ce_sum = torch.zeros((), dtype=head.dtype, device=hidden.device)
         kept_rows = kept_token_mask(targets, targets.numel()).nonzero().squeeze(1)
-        buffers = head.new_empty((4, min(opts.chunk_size, kept_rows.numel()), head.shape[0]))  # logits, teacher, p/q, log m
-        for start in range(0, kept_rows.numel(), opts.chunk_size):
-            rows = kept_rows[start:start + opts.chunk_size]
-            logits, teacher_logits_rows, probs, log_mix = buffers[:, :rows.numel()].unbind(0)
-            chunk_hidden = upcast(flat_hidden[rows])
-            torch.mm(chunk_hidden, head.T, out=logits)
-            teacher = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs, teacher_logits_rows)
-            if _is_lean(teacher, opts): kd, ce, grad_logits = _jsd_chunk_(logits, teacher, targets[rows], opts, probs, log_mix)
-            else: kd, ce, grad_logits = _chunk_losses(logits, targets[rows], teacher, opts)
-            grad_hidden.index_copy_(0, rows, grad_logits @ head)
-            if grad_weight is not None: grad_weight.addmm_(grad_logits.T, chunk_hidden)
-            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.zeros(flat_hidden.shape, dtype=dtype, device=hidden.device)
+        if _is_blocked(weight, topk_ids, opts):  # no [V, D] copy of a bf16 head; its gradient written once, in its dtype
+            blocks = _vocab_blocks(weight.shape[0], kept_rows.numel(), opts.chunk_size)
+            width = blocks[0][1] - blocks[0][0]
+            grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+            teacher = _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, dtype, width)
+            kd_sum, ce_sum, grad_rows = _jsd_blocked(flat_hidden[kept_rows].to(dtype), _head_blocks(weight, dtype, width),
+                                                     targets[kept_rows], teacher, blocks, opts, norm, grad_weight)
+            grad_hidden.index_copy_(0, kept_rows, grad_rows)
+        else:
+            head = upcast(weight)
+            teacher_head = None if teacher_weight is None else teacher_weight.detach().to(head.dtype)
+            grad_weight = torch.zeros_like(head) if ctx.needs_input_grad[1] else None
+            kd_sum = ce_sum = torch.zeros((), dtype=head.dtype, device=hidden.device)
+            buffers = head.new_empty((4, min(opts.chunk_size, kept_rows.numel()), head.shape[0]))  # logits, teacher, p/q, log m
+            for start in range(0, kept_rows.numel(), opts.chunk_size):
+                rows = kept_rows[start:start + opts.chunk_size]
+                logits, teacher_logits_rows, probs, log_mix = buffers[:, :rows.numel()].unbind(0)
+                chunk_hidden = upcast(flat_hidden[rows])
+                torch.mm(chunk_hidden, head.T, out=logits)
+                teacher = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs, teacher_logits_rows)
+                if _is_lean(teacher, opts): kd, ce, grad_logits = _jsd_chunk_(logits, teacher, targets[rows], opts, probs, log_mix)
+                else: kd, ce, grad_logits = _chunk_losses(logits, targets[rows], teacher, opts)
+                grad_hidden.index_copy_(0, rows, grad_logits @ head)
+                if grad_weight is not None: grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+            if grad_weight is not None: grad_weight.div_(norm)
         grad_hidden.div_(norm)
-        if grad_weight is not None: grad_weight.div_(norm)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         kd_mean, ce_mean = kd_sum / norm, ce_sum / norm
