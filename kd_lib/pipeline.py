@@ -7,7 +7,7 @@ __all__ = ['NBS_DIR', 'PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'TOKEN_REDUC
            'run_stages', 'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'steps_to_reach',
            'write_results']
 
-# %% ../nbs/91_pipeline.ipynb #b6e34b77
+# %% ../nbs/91_pipeline.ipynb #dfba9040
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from .inspect import load_run, plot_eval
 from .config import load_config
 from .recipes import build_cache_stage, prepare_data_stage, run_token_reduction
 
-# %% ../nbs/91_pipeline.ipynb #0640f586
+# %% ../nbs/91_pipeline.ipynb #ff0b6e60
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
 
 class PipelineError(RuntimeError):
@@ -76,14 +76,14 @@ def run_stages(stages: list, # the Stage list, in order
         log(f'[pipeline] {stage.name}: done in {rec["seconds"]} s')
     return records
 
-# %% ../nbs/91_pipeline.ipynb #3cc003f8
+# %% ../nbs/91_pipeline.ipynb #4e5a690e
 PROJECT_ROOT = NBS_DIR.parent
 STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1'],
             'kd': [], 'kd_process': []}
 RESULT_METRICS = ['tool_name_accuracy', 'json_validity', 'argument_exact_match', 'integration_accuracy',
                   'no_tool_precision', 'mean_generated_tokens']
 
-TOKEN_REDUCTION_BUDGET = ['training.steps=300', 'training.eval_every=0']  # per student; pipeline overrides still win
+TOKEN_REDUCTION_BUDGET = ['training.steps=300', 'training.eval_every=0', 'training.eval_examples=64']  # per student; pipeline overrides still win
 
 def _data_overrides(run_dir: Path) -> list:
     d = run_dir/'data'
@@ -118,7 +118,7 @@ def default_stages(run_dir, # pipeline folder
         stages.append(Stage(name, nb, {**params, 'run_dir': str(run_dir/name)}))
     qat = _stage_config(run_dir, ['student_cpu.yaml', 'quant_qat_int8.yaml'],
                         [f'qat.student_path={run_dir}/kd/final', f'teacher.path={run_dir}/kd/final', *overrides])
-    stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 64}))
+    stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 128}))
     token_cfg = {'config_paths': [str(PROJECT_ROOT/'configs'/'student_cpu.yaml')], 'overrides': [*TOKEN_REDUCTION_BUDGET, *overrides]}
     stages.append(Stage('token_reduction', fn=lambda d: token_reduction_stage(token_cfg, d/'token_reduction')))
     stages.append(Stage('report', fn=lambda d: {'results': str(write_results(d))}))
@@ -128,7 +128,7 @@ def run_default_pipeline(run_dir='runs/default', overrides=()) -> dict:
     "Run (or resume) the default pipeline; returns each stage's record."
     return run_stages(default_stages(run_dir, overrides), run_dir)
 
-# %% ../nbs/91_pipeline.ipynb #8faad049
+# %% ../nbs/91_pipeline.ipynb #4baa31fc
 def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)
