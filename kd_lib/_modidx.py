@@ -509,6 +509,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'kd_lib.recipes.build_student': ('recipes.html#build_student', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes.check_token_reduction': ('recipes.html#check_token_reduction', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes.eval_options': ('recipes.html#eval_options', 'kd_lib/recipes.py'),
+                                'kd_lib.recipes.latent_curriculum_table': ('recipes.html#latent_curriculum_table', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes.load_train_data': ('recipes.html#load_train_data', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes.make_eval_fn': ('recipes.html#make_eval_fn', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes.make_loss_fn': ('recipes.html#make_loss_fn', 'kd_lib/recipes.py'),

@@ -27,7 +27,11 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     tr = run_dir / 'token_reduction'
     assert all((tr / s / 'final' / 'model.safetensors').exists() for s in ('direct', 'code_mode', 'plan', 'latent'))
     assert records['token_reduction']['episodes'] == 4 and records['token_reduction']['steps'] == 4
-    section = text.split('## Token reduction')[1].split('## Stage times')[0]
+    section, latent = text.split('## Token reduction')[1].split('## Stage times')[0].split('### Latent curriculum')
+    latent_rows = [[c.strip() for c in line.strip('|').split('|')] for line in latent.splitlines() if line.startswith('|')][2:]
+    assert latent_rows[-1][:3] == ['plan (full plan)', '4', '0'] and len(latent_rows) >= 3
+    assert all(r[0] == 'latent' and 0 <= float(r[3]) <= 1 for r in latent_rows[:-1])  # one row per evaluation
+    assert [int(r[2]) for r in latent_rows[:-1]] == sorted(int(r[2]) for r in latent_rows[:-1])  # stages grow
     assert 'trained 4 steps' in section and 'same 4 held-out episodes' in section and 'halt head' in section
     table = [line for line in section.splitlines() if line.startswith('|')]
     assert table == (tr / 'token_reduction.md').read_text().splitlines()
@@ -36,8 +40,9 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     assert list(rows) == ['direct', 'direct + halting', 'code_mode', 'plan', 'latent']
     results = {r['student']: r for r in json.loads((tr / 'token_reduction.json').read_text())['results']}
     for name, cells in rows.items():
-        generated, context, exact, integration, calls, unneeded = cells
+        generated, context, tool_name, exact, integration, calls, unneeded = cells
         assert 0 < float(generated) <= 160 and float(context) >= float(generated) - 0.05, name
+        assert tool_name == '-' or 0 <= float(tool_name) <= 1, name
         assert 0 <= float(exact) <= 1 and float(calls) >= 0 and 0 <= float(unneeded) <= float(calls) + 0.005, name
         assert integration == '-' or 0 <= float(integration) <= 1, name
         assert abs(float(generated) - results[name]['generated_tokens']) <= 0.05, name
