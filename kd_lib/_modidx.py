@@ -230,6 +230,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kd_lib.fused._softmax_backward': ('fused.html#_softmax_backward', 'kd_lib/fused.py'),
                               'kd_lib.fused._teacher_blocks': ('fused.html#_teacher_blocks', 'kd_lib/fused.py'),
                               'kd_lib.fused._teacher_rows': ('fused.html#_teacher_rows', 'kd_lib/fused.py'),
+                              'kd_lib.fused._token_chunks': ('fused.html#_token_chunks', 'kd_lib/fused.py'),
                               'kd_lib.fused._topk_kd_and_grad': ('fused.html#_topk_kd_and_grad', 'kd_lib/fused.py'),
                               'kd_lib.fused._vocab_blocks': ('fused.html#_vocab_blocks', 'kd_lib/fused.py'),
                               'kd_lib.fused.divergence_grad': ('fused.html#divergence_grad', 'kd_lib/fused.py'),
@@ -501,6 +502,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kd_lib.qat.save_int8': ('qat.html#save_int8', 'kd_lib/qat.py'),
                             'kd_lib.qat.state_dict_bytes': ('qat.html#state_dict_bytes', 'kd_lib/qat.py')},
             'kd_lib.recipes': { 'kd_lib.recipes._code_mode_terms': ('recipes.html#_code_mode_terms', 'kd_lib/recipes.py'),
+                                'kd_lib.recipes._num': ('recipes.html#_num', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes._numbers': ('recipes.html#_numbers', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes._process_terms': ('recipes.html#_process_terms', 'kd_lib/recipes.py'),
                                 'kd_lib.recipes._student_rows': ('recipes.html#_student_rows', 'kd_lib/recipes.py'),
@@ -684,6 +686,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kd_lib.train._in_main_thread': ('train.html#_in_main_thread', 'kd_lib/train.py'),
                               'kd_lib.train._to_device': ('train.html#_to_device', 'kd_lib/train.py'),
                               'kd_lib.train.build_optimizer': ('train.html#build_optimizer', 'kd_lib/train.py'),
+                              'kd_lib.train.close_distributed': ('train.html#close_distributed', 'kd_lib/train.py'),
                               'kd_lib.train.init_distributed': ('train.html#init_distributed', 'kd_lib/train.py'),
                               'kd_lib.train.lr_factor': ('train.html#lr_factor', 'kd_lib/train.py'),
                               'kd_lib.train.nonfinite_hook_from_env': ('train.html#nonfinite_hook_from_env', 'kd_lib/train.py')}}}

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['USER_ERRORS', 'build_parser', 'main']
 
-# %% ../nbs/90_cli.ipynb #02bd320c
+# %% ../nbs/90_cli.ipynb #4d17e3de
 import argparse
 import logging
 import sys
@@ -16,10 +16,11 @@ from .dataset import DataError
 from .device import DeviceError
 from .evaluate import add_eval_arguments, eval_main
 from .recipes import run_stage
+from .train import close_distributed
 from .teacher_cache import TeacherCacheError
 from .tokenizer import TokenizerError
 
-# %% ../nbs/90_cli.ipynb #2f110c38
+# %% ../nbs/90_cli.ipynb #52b7dd58
 USER_ERRORS = (ConfigError, DataError, TokenizerError, TeacherCacheError, CheckpointError, DeviceError)  # and PipelineError
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     cfg = load_config(*args.config, overrides=args.overrides)
     result = run_stage(cfg, args.run_dir, resume=args.resume, force=args.force, evaluate=not args.no_eval)
+    close_distributed()
     print(f'kd-lib: {result.status} at step {result.step}' + (f': {result.reason}' if result.reason else ''))
     return 1 if result.status == 'nonfinite' else 0
 

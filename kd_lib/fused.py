@@ -6,7 +6,7 @@
 __all__ = ['AUTO_CHUNK_LOGITS', 'resolve_chunk_size', 'FusedKDOptions', 'divergence_grad', 'FusedLinearKD',
            'fused_linear_kd_loss']
 
-# %% ../nbs/21_fused.ipynb #5a995b88
+# %% ../nbs/21_fused.ipynb #e4f926c8
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from .losses import divergence_mixture, kept_token_mask, log_probs, normalizer, resolve_divergence
 from .losses import token_divergence, topk_log_probs, upcast
 
-# %% ../nbs/21_fused.ipynb #e0a86f9c
+# %% ../nbs/21_fused.ipynb #fec8aa76
 AUTO_CHUNK_LOGITS = 2 ** 22  # chunk_size=0: tokens per chunk so that one [chunk, V] fp32 buffer holds ~16 MB
 
 def resolve_chunk_size(chunk_size: int, # tokens per chunk; 0: auto from the vocabulary
@@ -24,7 +24,7 @@ def resolve_chunk_size(chunk_size: int, # tokens per chunk; 0: auto from the voc
     if chunk_size < 0: raise ValueError(f'chunk_size must be >= 0 (distillation.chunk_size; 0 = auto), got {chunk_size}')
     return chunk_size or max(1, AUTO_CHUNK_LOGITS // vocab)
 
-# %% ../nbs/21_fused.ipynb #e68abb3a
+# %% ../nbs/21_fused.ipynb #55853cde
 @dataclass(frozen=True)
 class FusedKDOptions:
     "Non-tensor options of the fused loss."
@@ -37,7 +37,7 @@ class FusedKDOptions:
     topk_tail: str = 'bucket' # 'renorm' or 'bucket' with a cached top-k teacher
     chunk_size: int = 0 # tokens per chunk (already resolved: >= 1)
 
-# %% ../nbs/21_fused.ipynb #fc7163f4
+# %% ../nbs/21_fused.ipynb #1f9a12d3
 def divergence_grad(student_logp: torch.Tensor, # [n, V] student log-probs s
                     teacher_logp: torch.Tensor, # [n, V] teacher log-probs t (-inf allowed)
                     log_mix: torch.Tensor | None, # the divergence's mixture (kd_lib.losses.divergence_mixture)
@@ -97,7 +97,7 @@ def _chunk_losses(logits, targets, teacher, opts: FusedKDOptions):
         grad.add_(ce_grad, alpha=opts.ce_weight)
     return kd, ce, grad
 
-# %% ../nbs/21_fused.ipynb #b713a0c9
+# %% ../nbs/21_fused.ipynb #61fd3fa1
 def _log_softmax_(logits, temperature):
     "log_softmax(logits / temperature) written over `logits`."
     if temperature != 1.0: logits.div_(temperature)
@@ -137,7 +137,7 @@ def _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_weight, topk_ids
     if teacher_hidden is not None: return torch.mm(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(out.dtype), teacher_weight.T, out=out)
     return None
 
-# %% ../nbs/21_fused.ipynb #b7f2d4e2
+# %% ../nbs/21_fused.ipynb #6688e67d
 def _vocab_blocks(vocab: int, rows: int, chunk_size: int) -> list:
     "Vocabulary blocks [v0, v1) such that a [rows, block] buffer holds about chunk_size * vocab logits (at least one column)."
     width = max(1, min(vocab, chunk_size * vocab // max(rows, 1)))
@@ -229,7 +229,29 @@ def _is_blocked(weight, topk_ids, opts: FusedKDOptions) -> bool:
     below_fp32 = torch.promote_types(weight.dtype, torch.float32) != weight.dtype
     return below_fp32 and topk_ids is None and opts.kd_weight > 0 and resolve_divergence(opts.divergence, opts.beta) == 'jsd'
 
-# %% ../nbs/21_fused.ipynb #9d1b3faa
+# %% ../nbs/21_fused.ipynb #eaacf136
+def _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts: FusedKDOptions, grad_hidden, need_grad_weight: bool):
+    "Summed KD and CE over the kept rows, chunk of tokens by chunk; fills `grad_hidden` and returns (kd, ce, unscaled head gradient or None)."
+    teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs = teacher
+    head = upcast(weight)
+    teacher_head = None if teacher_weight is None else teacher_weight.detach().to(head.dtype)
+    grad_weight = torch.zeros_like(head) if need_grad_weight else None
+    kd_sum = ce_sum = torch.zeros((), dtype=head.dtype, device=head.device)
+    buffers = head.new_empty((4, min(opts.chunk_size, kept_rows.numel()), head.shape[0]))  # logits, teacher, p/q, log m
+    for start in range(0, kept_rows.numel(), opts.chunk_size):
+        rows = kept_rows[start:start + opts.chunk_size]
+        logits, teacher_logits_rows, probs, log_mix = buffers[:, :rows.numel()].unbind(0)
+        chunk_hidden = upcast(flat_hidden[rows])
+        torch.mm(chunk_hidden, head.T, out=logits)
+        teacher_rows = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs, teacher_logits_rows)
+        if _is_lean(teacher_rows, opts): kd, ce, grad_logits = _jsd_chunk_(logits, teacher_rows, targets[rows], opts, probs, log_mix)
+        else: kd, ce, grad_logits = _chunk_losses(logits, targets[rows], teacher_rows, opts)
+        grad_hidden.index_copy_(0, rows, grad_logits @ head)
+        if grad_weight is not None: grad_weight.addmm_(grad_logits.T, chunk_hidden)
+        kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+    return kd_sum, ce_sum, grad_weight
+
+# %% ../nbs/21_fused.ipynb #5d052dc0
 class FusedLinearKD(torch.autograd.Function):
     "Chunked KD + CE from hidden states; gradients computed in the forward, scaled in the backward."
 
@@ -248,22 +270,9 @@ class FusedLinearKD(torch.autograd.Function):
                                                      targets[kept_rows], teacher, blocks, opts, norm, grad_weight)
             grad_hidden.index_copy_(0, kept_rows, grad_rows)
         else:
-            head = upcast(weight)
-            teacher_head = None if teacher_weight is None else teacher_weight.detach().to(head.dtype)
-            grad_weight = torch.zeros_like(head) if ctx.needs_input_grad[1] else None
-            kd_sum = ce_sum = torch.zeros((), dtype=head.dtype, device=hidden.device)
-            buffers = head.new_empty((4, min(opts.chunk_size, kept_rows.numel()), head.shape[0]))  # logits, teacher, p/q, log m
-            for start in range(0, kept_rows.numel(), opts.chunk_size):
-                rows = kept_rows[start:start + opts.chunk_size]
-                logits, teacher_logits_rows, probs, log_mix = buffers[:, :rows.numel()].unbind(0)
-                chunk_hidden = upcast(flat_hidden[rows])
-                torch.mm(chunk_hidden, head.T, out=logits)
-                teacher = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs, teacher_logits_rows)
-                if _is_lean(teacher, opts): kd, ce, grad_logits = _jsd_chunk_(logits, teacher, targets[rows], opts, probs, log_mix)
-                else: kd, ce, grad_logits = _chunk_losses(logits, targets[rows], teacher, opts)
-                grad_hidden.index_copy_(0, rows, grad_logits @ head)
-                if grad_weight is not None: grad_weight.addmm_(grad_logits.T, chunk_hidden)
-                kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+            teacher = (teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs)
+            kd_sum, ce_sum, grad_weight = _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts, grad_hidden,
+                                                        ctx.needs_input_grad[1])
             if grad_weight is not None: grad_weight.div_(norm)
         grad_hidden.div_(norm)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -283,7 +292,7 @@ class FusedLinearKD(torch.autograd.Function):
         grad_w = None if grad_weight is None else grad_weight.to(weight_dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
-# %% ../nbs/21_fused.ipynb #4d4f815c
+# %% ../nbs/21_fused.ipynb #3789bd1b
 def fused_linear_kd_loss(student_hidden: torch.Tensor, # [B,T,D] or [N,D] final normed hidden states
                          student_head_weight: torch.Tensor, # [V, D] student output head
                          labels: torch.Tensor, # [B,T] or [N] targets, -100 ignored

@@ -8,7 +8,7 @@ __all__ = ['HALTING_EVAL_KEYS', 'TOKEN_REDUCTION_STUDENTS', 'prepare_data', 'loa
            'save_final', 'prepare_data_stage', 'build_cache_stage', 'token_reduction_configs',
            'token_reduction_results', 'token_reduction_table', 'latent_curriculum_table', 'run_token_reduction']
 
-# %% ../nbs/41_recipes.ipynb #fc569e6e
+# %% ../nbs/41_recipes.ipynb #ebc56621
 import json
 import shutil
 from pathlib import Path
@@ -36,7 +36,7 @@ from .tokenizer import TOOL_RESULT_END, build_tokenizer, load_tokenizer, save_to
 from .train import BatchStream, DistInfo, Trainer, TrainResult, init_distributed
 from .tracing import read_metrics
 
-# %% ../nbs/41_recipes.ipynb #7377b535
+# %% ../nbs/41_recipes.ipynb #573a3c96
 def prepare_data(cfg: Config) -> dict:
     "Write the synthetic corpus and train the tokenizer if `data.*_path` do not exist yet."
     d = cfg.data
@@ -62,7 +62,7 @@ def load_train_data(cfg: Config, tokenizer, info: DistInfo = DistInfo()) -> tupl
     if not cfg.data.bucket_by_length: sampler.pool_batches = 1
     return ds, sampler
 
-# %% ../nbs/41_recipes.ipynb #7e4f58e7
+# %% ../nbs/41_recipes.ipynb #ac1cbd78
 def build_student(cfg: Config, tokenizer) -> StudentLM:
     "A fresh StudentLM from `model`, checked against the tokenizer's vocabulary."
     n = tokenizer.get_vocab_size()
@@ -80,7 +80,7 @@ def teacher_signal(cfg: Config, device) -> tuple:
         return None, (teacher.fingerprint if teacher is not None else '')
     return teacher, teacher.fingerprint
 
-# %% ../nbs/41_recipes.ipynb #40973976
+# %% ../nbs/41_recipes.ipynb #f5490731
 def answer_labels(input_ids: torch.Tensor, # [B,T]
                   labels: torch.Tensor, # [B,T] shifted labels
                   tool_result_end_id: int, # id of </tool_result>
@@ -165,7 +165,7 @@ def make_loss_fn(cfg: Config, teacher=None, projector: nn.Module | None = None, 
         return combined_kd_loss(labels, **student, **teach, **dist_kw, num_kept_tokens=num_kept_tokens, extra_losses=extra)
     return loss_fn
 
-# %% ../nbs/41_recipes.ipynb #2e99ac20
+# %% ../nbs/41_recipes.ipynb #fad997ae
 def eval_options(cfg: Config) -> dict:
     "evaluate_model options the config's features need: latent slots in generation, running code-mode programs."
     options = {}
@@ -240,7 +240,7 @@ def save_final(model: StudentLM, tokenizer, folder) -> Path:
     save_tokenizer(tokenizer, folder/'tokenizer.json')
     return folder
 
-# %% ../nbs/41_recipes.ipynb #ad39d66c
+# %% ../nbs/41_recipes.ipynb #bd5ce851
 def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
                       ) -> dict: # the data paths
     "Make the corpus and tokenizer the stage's config points at."
@@ -259,7 +259,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
 
-# %% ../nbs/41_recipes.ipynb #47bc7cb8
+# %% ../nbs/41_recipes.ipynb #c74615c5
 TOKEN_REDUCTION_STUDENTS = {
     'direct': ('code', ['model.halt_head=true', 'halting.enabled=true']),
     'code_mode': ('code', ['code_mode.enabled=true']),
@@ -283,6 +283,8 @@ def token_reduction_configs(cfg: Config, # a stage config: model, data sizes, tr
         per_stage = [f'training.eval_every={stage_steps}'] if name == 'latent' else []  # one evaluation per curriculum stage
         configs[name] = cfg.override(*common, *paths, *overrides, *per_stage)
     return configs
+
+def _num(v, digits: int) -> str: return '-' if v is None else f'{v:.{digits}f}'
 
 def _student_rows(name: str, summary: dict) -> dict:
     return {'student': name, 'generated_tokens': summary.get('mean_generated_tokens'), 'context_tokens': summary.get('mean_context_tokens'),
@@ -310,13 +312,12 @@ def token_reduction_results(students: dict, # name -> (model, tokenizer, Config)
 def token_reduction_table(results: list # from `token_reduction_results`
                          ) -> str: # markdown table, one row per student
     "Markdown table: generated tokens, accuracy, tool calls and unneeded tool calls per student."
-    def cell(v, digits): return '-' if v is None else f'{v:.{digits}f}'
     lines = ['| student | generated tokens / episode | context tokens / episode | tool-name accuracy | answer exact match | '
              'integration accuracy | tool calls / episode | unneeded tool calls / episode |', '|---|---:|---:|---:|---:|---:|---:|---:|']
-    lines += [f"| {r['student']} | {cell(r['generated_tokens'], 1)} | {cell(r['context_tokens'], 1)} | {cell(r['tool_name_accuracy'], 3)} | "
-              f"{cell(r['answer_exact_match'], 3)} | "
-              f"{cell(r['integration_accuracy'], 3)} | "
-              f"{cell(r['tool_calls'], 2)} | {cell(r['unneeded_tool_calls'], 3)} |" for r in results]
+    lines += [f"| {r['student']} | {_num(r['generated_tokens'], 1)} | {_num(r['context_tokens'], 1)} | {_num(r['tool_name_accuracy'], 3)} | "
+              f"{_num(r['answer_exact_match'], 3)} | "
+              f"{_num(r['integration_accuracy'], 3)} | "
+              f"{_num(r['tool_calls'], 2)} | {_num(r['unneeded_tool_calls'], 3)} |" for r in results]
     return '\n'.join(lines)
 
 def latent_curriculum_table(latent_run, # the latent student's run folder (its metrics.jsonl)
@@ -324,15 +325,14 @@ def latent_curriculum_table(latent_run, # the latent student's run folder (its m
                             results: list, # from `token_reduction_results` (the full-plan 'plan' row is the baseline)
                            ) -> str: # markdown table, one row per evaluation plus the baseline
     "Markdown table: the latent student's held-out accuracy and tokens after each curriculum stage, against the full-plan student."
-    def cell(v, digits): return '-' if v is None else f'{v:.{digits}f}'
     lines = ['| student | step | plan steps replaced | tool-name accuracy | answer exact match | generated tokens / episode |',
              '|---|---:|---:|---:|---:|---:|']
     for r in read_metrics(latent_run, split='eval', latest_only=True):
-        lines.append(f"| latent | {r['step']} | {latent_stage(r['step'] - 1, latent_cfg.latent)} | {cell(r.get('tool_name_accuracy'), 3)} | "
-                     f"{cell(r.get('answer_exact_match'), 3)} | {cell(r.get('mean_generated_tokens'), 1)} |")
+        lines.append(f"| latent | {r['step']} | {latent_stage(r['step'] - 1, latent_cfg.latent)} | {_num(r.get('tool_name_accuracy'), 3)} | "
+                     f"{_num(r.get('answer_exact_match'), 3)} | {_num(r.get('mean_generated_tokens'), 1)} |")
     plan = next(r for r in results if r['student'] == 'plan')
-    lines.append(f"| plan (full plan) | {latent_cfg.training.steps} | 0 | {cell(plan['tool_name_accuracy'], 3)} | "
-                 f"{cell(plan['answer_exact_match'], 3)} | {cell(plan['generated_tokens'], 1)} |")
+    lines.append(f"| plan (full plan) | {latent_cfg.training.steps} | 0 | {_num(plan['tool_name_accuracy'], 3)} | "
+                 f"{_num(plan['answer_exact_match'], 3)} | {_num(plan['generated_tokens'], 1)} |")
     return '\n'.join(lines)
 
 def run_token_reduction(cfg: Config, # a stage config (model, data sizes, training budget)

@@ -99,10 +99,10 @@ def jupyter_lab(tmp_path):
 
 def _dismiss_dialogs(page) -> None:
     "Click through the first-open kernel dialog and the news toast when they show up."
-    select = page.locator('.jp-Dialog button.jp-mod-accept')
-    if select.count(): select.first.click()
-    news = page.locator('.jp-toast-button', has_text='No')
-    if news.count(): news.first.click()
+    for target in (page.locator('.jp-Dialog button.jp-mod-accept'), page.locator('.jp-toast-button', has_text='No')):
+        if not target.count(): continue
+        try: target.first.click(timeout=5_000)
+        except Exception: pass  # it closed or moved while we clicked (toasts animate): the next call sees it again
 
 
 def _run_all_cells(page, tries: int = 4) -> None:
@@ -110,9 +110,10 @@ def _run_all_cells(page, tries: int = 4) -> None:
     started = "[...document.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))"
     for _ in range(tries):
         page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
-        page.locator('.lm-MenuBar-itemLabel', has_text='Run').first.click()
-        page.locator('.lm-Menu-itemLabel', has_text='Run All Cells').first.click()
+        _dismiss_dialogs(page)  # on a loaded machine the kernel dialog can open after the kernel went idle
         try:
+            page.locator('.lm-MenuBar-itemLabel', has_text='Run').first.click(timeout=10_000)
+            page.locator('.lm-Menu-itemLabel', has_text='Run All Cells').first.click(timeout=10_000)
             page.wait_for_function(started, timeout=8_000)
             return
         except Exception:
