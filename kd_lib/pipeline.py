@@ -7,7 +7,7 @@ __all__ = ['NBS_DIR', 'PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'TOKEN_REDUC
            'run_stages', 'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'steps_to_reach',
            'write_results']
 
-# %% ../nbs/91_pipeline.ipynb #d9997e52
+# %% ../nbs/91_pipeline.ipynb #1ac724ab
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from .inspect import load_run, plot_eval
 from .config import load_config
 from .recipes import build_cache_stage, prepare_data_stage, run_token_reduction
 
-# %% ../nbs/91_pipeline.ipynb #ccdd5c05
+# %% ../nbs/91_pipeline.ipynb #1d963648
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
 
 class PipelineError(RuntimeError):
@@ -76,7 +76,7 @@ def run_stages(stages: list, # the Stage list, in order
         log(f'[pipeline] {stage.name}: done in {rec["seconds"]} s')
     return records
 
-# %% ../nbs/91_pipeline.ipynb #44d93fc7
+# %% ../nbs/91_pipeline.ipynb #e53f8a4c
 PROJECT_ROOT = NBS_DIR.parent
 STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1'],
             'kd': [], 'kd_process': []}
@@ -119,7 +119,7 @@ def default_stages(run_dir, # pipeline folder
     qat = _stage_config(run_dir, ['student_cpu.yaml', 'quant_qat_int8.yaml'],
                         [f'qat.student_path={run_dir}/kd/final', f'teacher.path={run_dir}/kd/final', *overrides])
     stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 128}))
-    token_cfg = {'config_paths': [str(PROJECT_ROOT/'configs'/'student_cpu.yaml')], 'overrides': [*TOKEN_REDUCTION_BUDGET, *overrides]}
+    token_cfg = _stage_config(run_dir, ['student_cpu.yaml'], [*TOKEN_REDUCTION_BUDGET, *overrides])  # the students' own corpora override data.*
     stages.append(Stage('token_reduction', fn=lambda d: token_reduction_stage(token_cfg, d/'token_reduction')))
     stages.append(Stage('report', fn=lambda d: {'results': str(write_results(d))}))
     return stages
@@ -128,7 +128,7 @@ def run_default_pipeline(run_dir='runs/default', overrides=()) -> dict:
     "Run (or resume) the default pipeline; returns each stage's record."
     return run_stages(default_stages(run_dir, overrides), run_dir)
 
-# %% ../nbs/91_pipeline.ipynb #126de095
+# %% ../nbs/91_pipeline.ipynb #ead55bb7
 def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)
@@ -165,7 +165,8 @@ def write_results(run_dir) -> Path:
                   f"({m['dense_fp16_bytes_per_token'] / m['bytes_per_token']:.0f}x smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
     qat_md = run_dir/'qat'/'qat_report.md'
     if qat_md.exists(): lines += [qat_md.read_text(), '']
-    tr_md, tr_json = run_dir/'token_reduction'/'token_reduction.md', run_dir/'token_reduction'/'token_reduction.json'
+    tr_dir = run_dir/'token_reduction'
+    tr_md, tr_json, latent_md = tr_dir/'token_reduction.md', tr_dir/'token_reduction.json', tr_dir/'latent_curriculum.md'
     if tr_md.exists():
         tr = json.loads(tr_json.read_text()) if tr_json.exists() else {}
         lines += ['## Token reduction', '',
@@ -173,7 +174,6 @@ def write_results(run_dir) -> Path:
                   f"rendering (direct answers, code-mode programs, full plans, plans replaced by latent slots) and evaluated on "
                   f"the same {_fmt(tr.get('episodes'))} held-out episodes; in the halting rows the halt head decides at each "
                   f"tool-result boundary whether to stop calling tools.", '', tr_md.read_text().strip(), '']
-    latent_md = run_dir/'token_reduction'/'latent_curriculum.md'
     if latent_md.exists():
         lines += ['### Latent curriculum', '', 'The latent student evaluated after each curriculum stage (plan steps replaced by latent slots '
                   'in training up to that step) on the same episodes, against the full-plan student.', '', latent_md.read_text().strip(), '']
