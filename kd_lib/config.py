@@ -7,7 +7,7 @@ __all__ = ['ConfigError', 'ModelConfig', 'TeacherConfig', 'DataConfig', 'Distill
            'LatentConfig', 'CodeModeConfig', 'TrainingConfig', 'CheckpointConfig', 'TracingConfig', 'QATConfig',
            'Config', 'config_from_dict', 'load_config', 'config_reference']
 
-# %% ../nbs/01_config.ipynb #012b8b11
+# %% ../nbs/01_config.ipynb #7a966244
 import dataclasses
 import difflib
 import re
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-# %% ../nbs/01_config.ipynb #503a3d3f
+# %% ../nbs/01_config.ipynb #b44b111c
 class ConfigError(ValueError):
     "A config file or override is invalid; the message names the file and the dotted key."
 
@@ -27,7 +27,7 @@ def _key(default, doc: str, ge=None, gt=None, le=None):
     kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
     return field(metadata=dict(doc=doc, ge=ge, gt=gt, le=le), **kw)
 
-# %% ../nbs/01_config.ipynb #14ad9a04
+# %% ../nbs/01_config.ipynb #f51b0284
 @dataclass(frozen=True)
 class ModelConfig:
     "Architecture of a decoder-only causal LM (student or embedded teacher)."
@@ -152,6 +152,10 @@ class TrainingConfig:
     eval_examples: int = _key(64, 'held-out episodes per evaluation', ge=1)
     max_nonfinite: int = _key(5, 'stop (with a checkpoint) after this many non-finite losses in a row', ge=1)
     deterministic: bool = _key(False, 'ask torch for deterministic kernels')
+    ema_decay: float = _key(0.0, 'decay of a moving average of the weights that is evaluated and saved as the final model; 0: off', ge=0)
+
+    def _check(self):
+        if self.ema_decay >= 1: yield 'ema_decay', f'{self.ema_decay} must be below 1 (the average would never move)'
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -180,7 +184,7 @@ class QATConfig:
     per_channel: bool = _key(True, 'per-output-channel weight scales')
     student_path: str = _key('', 'full-precision student folder to quantize')
 
-# %% ../nbs/01_config.ipynb #727d9880
+# %% ../nbs/01_config.ipynb #d8bdbd9f
 @dataclass(frozen=True)
 class Config:
     "A whole kd_lib run."
@@ -209,7 +213,7 @@ class Config:
         "A copy with dotted overrides applied, e.g. `cfg.override('training.steps=5')`."
         return config_from_dict(self.to_dict(), overrides=overrides)
 
-# %% ../nbs/01_config.ipynb #9eaf0de2
+# %% ../nbs/01_config.ipynb #2a85af74
 def _fail(sources: dict, key: str, msg: str):
     src = sources.get(key) or next((s for k, s in sources.items() if k.startswith(key + '.')), '<defaults>')
     raise ConfigError(f'{src}: {key}: {msg}')
@@ -252,7 +256,7 @@ def _build(cls, raw, sources, prefix=''):
     for name, msg in getattr(obj, '_check', lambda: ())(): _fail(sources, prefix + name, msg)
     return obj
 
-# %% ../nbs/01_config.ipynb #c6d70330
+# %% ../nbs/01_config.ipynb #7c83cd47
 class _Loader(yaml.SafeLoader):
     "SafeLoader that also reads `1e-3` and `5E+2` as floats."
 
@@ -264,7 +268,7 @@ _Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'''^(?:[-+]
 
 def _yaml_load(text: str): return yaml.load(text, Loader=_Loader)
 
-# %% ../nbs/01_config.ipynb #731ca21f
+# %% ../nbs/01_config.ipynb #5f246166
 def _merge(base: dict, new: dict, source: str, sources: dict, prefix=''):
     "Deep-merge `new` into `base` in place, recording where each key came from."
     for k, v in new.items():
@@ -304,7 +308,7 @@ def _read_yaml(path) -> dict:
     if not isinstance(raw, dict): raise ConfigError(f'{path}: <root>: expected a mapping of sections, got {type(raw).__name__}')
     return raw
 
-# %% ../nbs/01_config.ipynb #f5b14003
+# %% ../nbs/01_config.ipynb #4c59ba0c
 def config_from_dict(raw: dict, # nested sections, e.g. {'training': {'steps': 5}}
                      overrides=(), # dotted 'key=value' strings applied on top
                      source: str = '<dict>', # name used in error messages
@@ -324,7 +328,7 @@ def load_config(*paths, # YAML files, merged in order (later wins)
     for o in overrides: _merge(merged, _parse_override(o), f'override {o!r}', sources)
     return _build(Config, merged, sources)
 
-# %% ../nbs/01_config.ipynb #4b47fac9
+# %% ../nbs/01_config.ipynb #66d7b35d
 def config_reference() -> str:
     "A markdown table of every config key, its default and what it does."
     rows = ['| key | default | meaning |', '|---|---|---|']

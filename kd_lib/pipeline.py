@@ -7,7 +7,7 @@ __all__ = ['NBS_DIR', 'PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'TOKEN_REDUC
            'run_stages', 'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'steps_to_reach',
            'write_results']
 
-# %% ../nbs/91_pipeline.ipynb #1ac724ab
+# %% ../nbs/91_pipeline.ipynb #fb8472d9
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from .inspect import load_run, plot_eval
 from .config import load_config
 from .recipes import build_cache_stage, prepare_data_stage, run_token_reduction
 
-# %% ../nbs/91_pipeline.ipynb #1d963648
+# %% ../nbs/91_pipeline.ipynb #60ab32ae
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
 
 class PipelineError(RuntimeError):
@@ -76,14 +76,14 @@ def run_stages(stages: list, # the Stage list, in order
         log(f'[pipeline] {stage.name}: done in {rec["seconds"]} s')
     return records
 
-# %% ../nbs/91_pipeline.ipynb #e53f8a4c
+# %% ../nbs/91_pipeline.ipynb #ef157914
 PROJECT_ROOT = NBS_DIR.parent
 STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1'],
             'kd': [], 'kd_process': []}
 RESULT_METRICS = ['tool_name_accuracy', 'json_validity', 'argument_exact_match', 'integration_accuracy',
                   'no_tool_precision', 'mean_generated_tokens']
 
-TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64']  # per student; pipeline overrides still win
+TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64', 'training.ema_decay=0']  # per student; pipeline overrides still win
 
 def _data_overrides(run_dir: Path) -> list:
     d = run_dir/'data'
@@ -128,7 +128,7 @@ def run_default_pipeline(run_dir='runs/default', overrides=()) -> dict:
     "Run (or resume) the default pipeline; returns each stage's record."
     return run_stages(default_stages(run_dir, overrides), run_dir)
 
-# %% ../nbs/91_pipeline.ipynb #ead55bb7
+# %% ../nbs/91_pipeline.ipynb #30e33b19
 def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)

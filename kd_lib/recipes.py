@@ -8,7 +8,7 @@ __all__ = ['HALTING_EVAL_KEYS', 'TOKEN_REDUCTION_STUDENTS', 'prepare_data', 'loa
            'save_final', 'prepare_data_stage', 'build_cache_stage', 'token_reduction_configs',
            'token_reduction_results', 'token_reduction_table', 'latent_curriculum_table', 'run_token_reduction']
 
-# %% ../nbs/41_recipes.ipynb #ebc56621
+# %% ../nbs/41_recipes.ipynb #5fce954c
 import json
 import shutil
 from pathlib import Path
@@ -36,7 +36,7 @@ from .tokenizer import TOOL_RESULT_END, build_tokenizer, load_tokenizer, save_to
 from .train import BatchStream, DistInfo, Trainer, TrainResult, init_distributed
 from .tracing import read_metrics
 
-# %% ../nbs/41_recipes.ipynb #573a3c96
+# %% ../nbs/41_recipes.ipynb #578b494b
 def prepare_data(cfg: Config) -> dict:
     "Write the synthetic corpus and train the tokenizer if `data.*_path` do not exist yet."
     d = cfg.data
@@ -62,7 +62,7 @@ def load_train_data(cfg: Config, tokenizer, info: DistInfo = DistInfo()) -> tupl
     if not cfg.data.bucket_by_length: sampler.pool_batches = 1
     return ds, sampler
 
-# %% ../nbs/41_recipes.ipynb #ac1cbd78
+# %% ../nbs/41_recipes.ipynb #c94051fa
 def build_student(cfg: Config, tokenizer) -> StudentLM:
     "A fresh StudentLM from `model`, checked against the tokenizer's vocabulary."
     n = tokenizer.get_vocab_size()
@@ -71,8 +71,12 @@ def build_student(cfg: Config, tokenizer) -> StudentLM:
 
 def teacher_signal(cfg: Config, device) -> tuple:
     "(white-box teacher or None, teacher fingerprint) for the run's `teacher` section."
-    kind = cfg.teacher.kind
-    if kind == 'cache': return None, TeacherCache(cfg.teacher.path).manifest['fingerprint']
+    kind, d = cfg.teacher.kind, cfg.distillation
+    if kind == 'cache':
+        if d.kd_weight > 0 and d.topk_tail == 'bucket' and d.temperature != 1.0:
+            raise ConfigError(f"distillation.temperature: {d.temperature} with a cached teacher needs distillation.topk_tail: renorm "
+                              "(the cache knows the teacher's missing mass only at temperature 1)")
+        return None, TeacherCache(cfg.teacher.path).manifest['fingerprint']
     teacher = load_teacher(cfg.teacher, device)
     if teacher is None or not getattr(teacher, 'white_box', False):
         if cfg.distillation.kd_weight > 0:
@@ -80,7 +84,7 @@ def teacher_signal(cfg: Config, device) -> tuple:
         return None, (teacher.fingerprint if teacher is not None else '')
     return teacher, teacher.fingerprint
 
-# %% ../nbs/41_recipes.ipynb #f5490731
+# %% ../nbs/41_recipes.ipynb #d80c5659
 def answer_labels(input_ids: torch.Tensor, # [B,T]
                   labels: torch.Tensor, # [B,T] shifted labels
                   tool_result_end_id: int, # id of </tool_result>
@@ -165,7 +169,7 @@ def make_loss_fn(cfg: Config, teacher=None, projector: nn.Module | None = None, 
         return combined_kd_loss(labels, **student, **teach, **dist_kw, num_kept_tokens=num_kept_tokens, extra_losses=extra)
     return loss_fn
 
-# %% ../nbs/41_recipes.ipynb #fad997ae
+# %% ../nbs/41_recipes.ipynb #cbad1536
 def eval_options(cfg: Config) -> dict:
     "evaluate_model options the config's features need: latent slots in generation, running code-mode programs."
     options = {}
@@ -226,9 +230,9 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     if resume is not None or trainer.ckpt.latest() is not None: trainer.resume(resume, force=force)
     result = trainer.fit(until=until)
     if result.status in ('finished', 'already_finished') and info.is_main:
-        save_final(trainer.model, tokenizer, run_dir/'final')
+        save_final(trainer.eval_model, tokenizer, run_dir/'final')
         if cfg.halting.enabled:
-            records = halt_records(trainer.model, tokenizer, load_eval_rows(cfg.data.eval_path, cfg.training.eval_examples), cfg.halting,
+            records = halt_records(trainer.eval_model, tokenizer, load_eval_rows(cfg.data.eval_path, cfg.training.eval_examples), cfg.halting,
                                    cfg.training.steps, cfg.training.steps)
             write_halt_records(records, run_dir)
     return result
@@ -240,7 +244,7 @@ def save_final(model: StudentLM, tokenizer, folder) -> Path:
     save_tokenizer(tokenizer, folder/'tokenizer.json')
     return folder
 
-# %% ../nbs/41_recipes.ipynb #bd5ce851
+# %% ../nbs/41_recipes.ipynb #c6097221
 def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
                       ) -> dict: # the data paths
     "Make the corpus and tokenizer the stage's config points at."
@@ -259,7 +263,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
 
-# %% ../nbs/41_recipes.ipynb #c74615c5
+# %% ../nbs/41_recipes.ipynb #32411039
 TOKEN_REDUCTION_STUDENTS = {
     'direct': ('code', ['model.halt_head=true', 'halting.enabled=true']),
     'code_mode': ('code', ['code_mode.enabled=true']),

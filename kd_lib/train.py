@@ -6,7 +6,7 @@
 __all__ = ['lr_factor', 'build_optimizer', 'DistInfo', 'init_distributed', 'close_distributed', 'BatchStream',
            'nonfinite_hook_from_env', 'TrainResult', 'Trainer']
 
-# %% ../nbs/40_train.ipynb #23e60cab
+# %% ../nbs/40_train.ipynb #2c612650
 import contextlib
 import itertools
 import logging
@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config import Config, ConfigError
 from .device import autocast_dtype, get_training_device, seed_everything, set_deterministic
 from .tracing import Tracer
 
-# %% ../nbs/40_train.ipynb #67431776
+# %% ../nbs/40_train.ipynb #91db514f
 def lr_factor(step: int, # optimizer steps taken so far
               warmup_steps: int, # linear warmup length
               total_steps: int, # total optimizer steps
@@ -49,7 +50,7 @@ def build_optimizer(params: list, # (name, parameter) pairs to train
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     return opt, sched
 
-# %% ../nbs/40_train.ipynb #ae0025cc
+# %% ../nbs/40_train.ipynb #a6226590
 @dataclass
 class DistInfo:
     "Rank and world size of this process."
@@ -78,7 +79,7 @@ def _all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1: dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
-# %% ../nbs/40_train.ipynb #1602592e
+# %% ../nbs/40_train.ipynb #16150e30
 class BatchStream:
     "Endless, resumable stream of collated micro-batches from a batch sampler."
     def __init__(self, dataset, batch_sampler, collate: Callable, info: DistInfo = DistInfo()):
@@ -109,10 +110,10 @@ class BatchStream:
     def load_state_dict(self, state: dict):
         self.epoch, self.position, self._batches = int(state['epoch']), int(state['position']), None
 
-# %% ../nbs/40_train.ipynb #17f53cc2
+# %% ../nbs/40_train.ipynb #a84dcd39
 log = logging.getLogger('kd_lib.train')
 
-# %% ../nbs/40_train.ipynb #1fd3459a
+# %% ../nbs/40_train.ipynb #316629be
 def nonfinite_hook_from_env(spec: str | None = None # 'N[:nan|inf],...'; None: the KD_LIB_TEST_NONFINITE variable
                            ) -> Callable | None: # (step, loss) -> loss, or None when nothing is injected
     "Test-only hook that makes the listed losses (1-based count in this process) NaN or inf."
@@ -123,7 +124,7 @@ def nonfinite_hook_from_env(spec: str | None = None # 'N[:nan|inf],...'; None: t
     def hook(step, loss): return loss * factors.get(next(calls), 1.0)
     return hook
 
-# %% ../nbs/40_train.ipynb #32c7f7de
+# %% ../nbs/40_train.ipynb #4b8f4d05
 @dataclass
 class TrainResult:
     "How a run ended."
@@ -155,6 +156,7 @@ class Trainer:
         params = list(self.model.named_parameters()) + (list(self.aux.named_parameters()) if self.aux is not None else [])
         self.params = [p for _, p in params if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(params, cfg.training)
+        self.ema = self._new_ema() if cfg.training.ema_decay > 0 else None
         self.amp_dtype = autocast_dtype(self.device, cfg.training.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         self.fingerprints = fingerprints or {}
@@ -165,9 +167,18 @@ class Trainer:
         self.step, self.nonfinite_total, self.nonfinite_in_row, self._sigterm = 0, 0, 0, False
         self.nonfinite_hook: Callable | None = nonfinite_hook_from_env()  # tests and fault injection: (step, loss) -> loss
 
+    def _new_ema(self) -> AveragedModel:
+        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.training.ema_decay), use_buffers=True)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        "The weights to evaluate and ship: the moving average when `training.ema_decay` > 0, else the model."
+        return self.ema.module if self.ema is not None else self.model
+
     def state(self) -> dict:
         "Everything needed to resume exactly."
         return {'model': self.model.state_dict(), 'aux': self.aux.state_dict() if self.aux is not None else {},
+                'ema': self.ema.state_dict() if self.ema is not None else {},
                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
                 'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
@@ -181,6 +192,9 @@ class Trainer:
         self.optimizer.load_state_dict(s['optimizer'])
         self.scheduler.load_state_dict(s['scheduler'])
         self.scaler.load_state_dict(s['scaler'])
+        if self.ema is not None:
+            self.ema = self._new_ema()  # a checkpoint saved without averaging starts the average from its weights
+            if s.get('ema'): self.ema.load_state_dict(s['ema'])
         self.stream.load_state_dict(s['data'])
         restore_rng_state(s['rng'])
         self.step, self.nonfinite_total = int(s['step']), int(s['nonfinite_total'])
@@ -248,6 +262,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None: self.ema.update_parameters(self.model)
             self.step += 1
             if self.step % self.cfg.tracing.log_every == 0 or self.step == t.steps:
                 lr = self.scheduler.get_last_lr()[0]
@@ -271,8 +286,8 @@ class Trainer:
 
     def _evaluate(self, tracer) -> dict | None:
         if not self.info.is_main: return None
-        self.model.eval()
-        with torch.no_grad(): metrics = self.eval_fn(self.model, self.step)
+        self.eval_model.eval()
+        with torch.no_grad(): metrics = self.eval_fn(self.eval_model, self.step)
         tracer.log(self.step, metrics, split='eval')
         return metrics
 
