@@ -7,7 +7,7 @@ __all__ = ['NBS_DIR', 'PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'TOKEN_REDUC
            'run_stages', 'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'steps_to_reach',
            'write_results']
 
-# %% ../nbs/91_pipeline.ipynb #fb8472d9
+# %% ../nbs/91_pipeline.ipynb #f208364c
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from .inspect import load_run, plot_eval
 from .config import load_config
 from .recipes import build_cache_stage, prepare_data_stage, run_token_reduction
 
-# %% ../nbs/91_pipeline.ipynb #60ab32ae
+# %% ../nbs/91_pipeline.ipynb #e2261d43
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
 
 class PipelineError(RuntimeError):
@@ -76,7 +76,7 @@ def run_stages(stages: list, # the Stage list, in order
         log(f'[pipeline] {stage.name}: done in {rec["seconds"]} s')
     return records
 
-# %% ../nbs/91_pipeline.ipynb #ef157914
+# %% ../nbs/91_pipeline.ipynb #52b70de3
 PROJECT_ROOT = NBS_DIR.parent
 STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1'],
             'kd': [], 'kd_process': []}
@@ -128,7 +128,7 @@ def run_default_pipeline(run_dir='runs/default', overrides=()) -> dict:
     "Run (or resume) the default pipeline; returns each stage's record."
     return run_stages(default_stages(run_dir, overrides), run_dir)
 
-# %% ../nbs/91_pipeline.ipynb #30e33b19
+# %% ../nbs/91_pipeline.ipynb #4abaa621
 def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)
@@ -144,11 +144,11 @@ def write_results(run_dir) -> Path:
     final = {name: (h[-1] if h else {}) for name, h in hist.items()}
     target = final.get('ce', {}).get('tool_name_accuracy')
     lines = ['# Default pipeline results', '', '## Final held-out metrics', '',
-             '| model | step | ' + ' | '.join(RESULT_METRICS) + ' | steps to CE-only final tool-name acc. |',
-             '|---|---|' + '---|' * (len(RESULT_METRICS) + 1)]
+             '| model | step | held-out episodes | ' + ' | '.join(RESULT_METRICS) + ' | steps to CE-only final tool-name acc. |',
+             '|---|---|---|' + '---|' * (len(RESULT_METRICS) + 1)]
     for name, f in final.items():
         reach = steps_to_reach(hist[name], 'tool_name_accuracy', target) if target is not None and name != 'teacher' else None
-        lines.append(f"| {name} | {_fmt(f.get('step'))} | " + ' | '.join(_fmt(f.get(m)) for m in RESULT_METRICS) + f' | {_fmt(reach)} |')
+        lines.append(f"| {name} | {_fmt(f.get('step'))} | {_fmt(f.get('episodes'))} | " + ' | '.join(_fmt(f.get(m)) for m in RESULT_METRICS) + f' | {_fmt(reach)} |')
     lines += ['', '## At equal steps', '', '| step | ' + ' | '.join(f'{n} tool-name acc.' for n in STUDENTS if n in hist) + ' |',
               '|---|' + '---|' * sum(n in hist for n in STUDENTS)]
     steps = sorted({r['step'] for n in STUDENTS for r in hist.get(n, [])})
