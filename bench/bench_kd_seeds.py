@@ -8,7 +8,6 @@ student's final accuracy. Usage: python bench/bench_kd_seeds.py [--run-dir runs/
 [--students ce kd kd_process] [--jobs 2]
 """
 import argparse
-import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -49,7 +48,6 @@ def main():
     if 'ce' not in args.students: raise SystemExit('--students must include ce (the baseline)')
     stages = {s.name: s.parameters for s in default_stages(run_dir) if s.name in args.students}
     out_dir = run_dir/'seeds'
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
     jobs = [(name, stages[name], seed, str(out_dir)) for seed in args.seeds for name in args.students]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(train, *zip(*jobs)))
