@@ -31,10 +31,6 @@ def train(name: str, stage_params: dict, seed: int, out_dir: str) -> str:
     return str(run_dir)
 
 
-def history(run_dir) -> dict:
-    return {r['step']: r[METRIC] for r in load_run(run_dir)['eval']}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--run-dir', default=str(ROOT/'runs/default'), help='a finished default pipeline run (corpus and teacher cache)')
@@ -51,7 +47,8 @@ def main():
     jobs = [(name, stages[name], seed, str(out_dir)) for seed in args.seeds for name in args.students]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(train, *zip(*jobs)))
-    hist = {(name, seed): history(r) for (name, _, seed, _), r in zip(jobs, runs)}
+    evals = {(name, seed): load_run(r)['eval'] for (name, _, seed, _), r in zip(jobs, runs)}
+    hist = {key: {r['step']: r[METRIC] for r in records} for key, records in evals.items()}
     steps = sorted(set.intersection(*(set(h) for h in hist.values())))
 
     def mean(name, step): return statistics.mean(hist[name, s][step] for s in args.seeds)
@@ -64,8 +61,7 @@ def main():
     print('\nper seed: final accuracy (steps to reach the CE-only final; - never)')
     for seed in args.seeds:
         target = hist['ce', seed][steps[-1]]
-        cells = [f'{n} {hist[n, seed][steps[-1]]:.3f} ({steps_to_reach([{"step": s, METRIC: hist[n, seed][s]} for s in steps], METRIC, target) or "-"})'
-                 for n in args.students]
+        cells = [f'{n} {hist[n, seed][steps[-1]]:.3f} ({steps_to_reach(evals[n, seed], METRIC, target) or "-"})' for n in args.students]
         print(f'seed {seed}: ' + ', '.join(cells))
 
 

@@ -676,7 +676,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kd_lib.train.Trainer._evaluate': ('train.html#trainer._evaluate', 'kd_lib/train.py'),
                               'kd_lib.train.Trainer._loop': ('train.html#trainer._loop', 'kd_lib/train.py'),
                               'kd_lib.train.Trainer._micro_batches': ('train.html#trainer._micro_batches', 'kd_lib/train.py'),
-                              'kd_lib.train.Trainer._new_ema': ('train.html#trainer._new_ema', 'kd_lib/train.py'),
                               'kd_lib.train.Trainer._on_sigterm': ('train.html#trainer._on_sigterm', 'kd_lib/train.py'),
                               'kd_lib.train.Trainer._save': ('train.html#trainer._save', 'kd_lib/train.py'),
                               'kd_lib.train.Trainer._sigterm_agreed': ('train.html#trainer._sigterm_agreed', 'kd_lib/train.py'),

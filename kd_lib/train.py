@@ -6,7 +6,7 @@
 __all__ = ['lr_factor', 'build_optimizer', 'DistInfo', 'init_distributed', 'close_distributed', 'BatchStream',
            'nonfinite_hook_from_env', 'TrainResult', 'Trainer']
 
-# %% ../nbs/40_train.ipynb #2c612650
+# %% ../nbs/40_train.ipynb #8ea0cf31
 import contextlib
 import itertools
 import logging
@@ -28,7 +28,7 @@ from .config import Config, ConfigError
 from .device import autocast_dtype, get_training_device, seed_everything, set_deterministic
 from .tracing import Tracer
 
-# %% ../nbs/40_train.ipynb #91db514f
+# %% ../nbs/40_train.ipynb #e85b8d16
 def lr_factor(step: int, # optimizer steps taken so far
               warmup_steps: int, # linear warmup length
               total_steps: int, # total optimizer steps
@@ -50,7 +50,7 @@ def build_optimizer(params: list, # (name, parameter) pairs to train
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     return opt, sched
 
-# %% ../nbs/40_train.ipynb #a6226590
+# %% ../nbs/40_train.ipynb #ac393a36
 @dataclass
 class DistInfo:
     "Rank and world size of this process."
@@ -79,7 +79,7 @@ def _all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1: dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
-# %% ../nbs/40_train.ipynb #16150e30
+# %% ../nbs/40_train.ipynb #65d018d4
 class BatchStream:
     "Endless, resumable stream of collated micro-batches from a batch sampler."
     def __init__(self, dataset, batch_sampler, collate: Callable, info: DistInfo = DistInfo()):
@@ -110,10 +110,10 @@ class BatchStream:
     def load_state_dict(self, state: dict):
         self.epoch, self.position, self._batches = int(state['epoch']), int(state['position']), None
 
-# %% ../nbs/40_train.ipynb #a84dcd39
+# %% ../nbs/40_train.ipynb #9e6616f3
 log = logging.getLogger('kd_lib.train')
 
-# %% ../nbs/40_train.ipynb #316629be
+# %% ../nbs/40_train.ipynb #90b3f7d9
 def nonfinite_hook_from_env(spec: str | None = None # 'N[:nan|inf],...'; None: the KD_LIB_TEST_NONFINITE variable
                            ) -> Callable | None: # (step, loss) -> loss, or None when nothing is injected
     "Test-only hook that makes the listed losses (1-based count in this process) NaN or inf."
@@ -124,7 +124,7 @@ def nonfinite_hook_from_env(spec: str | None = None # 'N[:nan|inf],...'; None: t
     def hook(step, loss): return loss * factors.get(next(calls), 1.0)
     return hook
 
-# %% ../nbs/40_train.ipynb #4b8f4d05
+# %% ../nbs/40_train.ipynb #0a56bdc4
 @dataclass
 class TrainResult:
     "How a run ended."
@@ -156,7 +156,7 @@ class Trainer:
         params = list(self.model.named_parameters()) + (list(self.aux.named_parameters()) if self.aux is not None else [])
         self.params = [p for _, p in params if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(params, cfg.training)
-        self.ema = self._new_ema() if cfg.training.ema_decay > 0 else None
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.training.ema_decay), use_buffers=True) if cfg.training.ema_decay > 0 else None
         self.amp_dtype = autocast_dtype(self.device, cfg.training.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         self.fingerprints = fingerprints or {}
@@ -166,9 +166,6 @@ class Trainer:
                                       best_mode=c.best_mode, save_every=c.save_every)
         self.step, self.nonfinite_total, self.nonfinite_in_row, self._sigterm = 0, 0, 0, False
         self.nonfinite_hook: Callable | None = nonfinite_hook_from_env()  # tests and fault injection: (step, loss) -> loss
-
-    def _new_ema(self) -> AveragedModel:
-        return AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.training.ema_decay), use_buffers=True)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -192,9 +189,7 @@ class Trainer:
         self.optimizer.load_state_dict(s['optimizer'])
         self.scheduler.load_state_dict(s['scheduler'])
         self.scaler.load_state_dict(s['scaler'])
-        if self.ema is not None:
-            self.ema = self._new_ema()  # a checkpoint saved without averaging starts the average from its weights
-            if s.get('ema'): self.ema.load_state_dict(s['ema'])
+        if self.ema is not None and s.get('ema'): self.ema.load_state_dict(s['ema'])  # else the first update starts it from these weights
         self.stream.load_state_dict(s['data'])
         restore_rng_state(s['rng'])
         self.step, self.nonfinite_total = int(s['step']), int(s['nonfinite_total'])
