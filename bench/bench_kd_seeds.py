@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from kd_lib.config import load_config
-from kd_lib.inspect import load_run
+from kd_lib.explore import load_run
 from kd_lib.pipeline import default_stages, steps_to_reach
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,9 @@ __all__ = ['METRICS', 'KL_SPANS', 'TABLE_KEYS', 'flatten_arguments', 'same_leaf'
            'normalize_answer', 'quoted_values', 'quotes_all', 'EpisodeScore', 'score_episode', 'summarize',
            'load_eval_rows', 'resolve_tool_result', 'render_tool_result', 'Rollout', 'rollout_batch',
            'reference_text_metrics', 'evaluate_model', 'metrics_table', 'plot_metrics', 'save_eval_report',
-           'evaluate_models', 'add_eval_arguments', 'parse_model_specs', 'eval_main']
+           'evaluate_models']
 
 # %% ../nbs/50_evaluate.ipynb #5c229869
-import argparse
 import json
 import math
 import time
@@ -23,15 +22,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .config import DataConfig
 from .dataset import DataError, collate_kd_batch, encode_row, labels_and_masks, parse_row
 from .extractors import answer_span, extract_tool_calls, integration_spans
-from .device import get_training_device
 from .losses import IGNORE_INDEX, forward_kl
-from .models import StudentLM
 from .synth import run_tool
-from .teachers import CheckpointTeacher
-from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer, load_tokenizer
+from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer
 
 # %% ../nbs/50_evaluate.ipynb #f90f53fb
 def flatten_arguments(value, # a JSON value: dict, list or leaf
@@ -418,42 +413,3 @@ def evaluate_models(models: dict, # name -> model (StudentLM-like)
         save_eval_report(results, out_dir, settings)
     return results
 
-def add_eval_arguments(parser: argparse.ArgumentParser # the `eval` subcommand's parser
-                      ) -> argparse.ArgumentParser:
-    "Declare the options of `kd-lib eval`."
-    data = DataConfig()
-    parser.add_argument('--models', nargs='+', required=True, metavar='NAME=FOLDER', help='kd_lib model folders to compare')
-    parser.add_argument('--tokenizer', default=data.tokenizer_path, help='tokenizer.json or tokenizer folder')
-    parser.add_argument('--eval-path', default=data.eval_path, help='held-out JSONL (KD format with metadata)')
-    parser.add_argument('--out-dir', default='runs/eval', help='folder for eval_results.json, eval_metrics.md, eval_metrics.png')
-    parser.add_argument('--max-examples', type=int, default=None, help='evaluate the first N rows only')
-    parser.add_argument('--batch-size', type=int, default=16, help='rows generated together')
-    parser.add_argument('--max-new-tokens', type=int, default=128, help='generated tokens per row')
-    parser.add_argument('--teacher', default='', help='kd_lib teacher folder for perplexity-to-teacher and per-span KL')
-    parser.add_argument('--device', default='', help="'' picks CUDA > MPS > CPU")
-    return parser
-
-def parse_model_specs(specs: list # 'NAME=FOLDER' strings
-                     ) -> dict: # name -> folder
-    "Parse `--models NAME=FOLDER ...`; a bare FOLDER is named after itself."
-    models = {}
-    for spec in specs:
-        name, sep, folder = spec.partition('=')
-        name, folder = (name, folder) if sep else (Path(spec).name, spec)
-        if not name or not folder: raise ValueError(f'--models {spec!r}: expected NAME=FOLDER')
-        if name in models: raise ValueError(f'--models: the name {name!r} is given twice')
-        models[name] = folder
-    return models
-
-def eval_main(args: argparse.Namespace # parsed `kd-lib eval` options (see add_eval_arguments)
-             ) -> dict: # name -> summary
-    "Run `kd-lib eval`: evaluate model folders and write the report."
-    device = get_training_device(args.device or None)
-    folders = parse_model_specs(args.models)
-    tokenizer = load_tokenizer(args.tokenizer)
-    teacher = CheckpointTeacher(args.teacher, device) if args.teacher else None
-    models = {name: StudentLM.from_pretrained(folder, device=device) for name, folder in folders.items()}
-    results = evaluate_models(models, tokenizer, args.eval_path, args.out_dir, max_examples=args.max_examples,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, teacher=teacher, progress=True)
-    print(metrics_table(results))
-    return results

@@ -6,10 +6,11 @@
 __all__ = ['IGNORE_INDEX', 'DIVERGENCES', 'TOPK_TAILS', 'kept_token_mask', 'normalizer', 'resolve_divergence',
            'divergence_mixture', 'token_divergence', 'upcast', 'log_probs', 'divergence_loss', 'forward_kl',
            'reverse_kl', 'generalized_jsd', 'skew_kl', 'skew_reverse_kl', 'total_variation', 'log1mexp',
-           'topk_log_probs', 'topk_kd_loss', 'distillation_kwargs', 'combined_kd_loss']
+           'topk_log_probs', 'topk_kd_loss', 'KDOptions', 'plain_kd_ce_loss']
 
 # %% ../nbs/20_losses.ipynb #e328ca46
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -182,64 +183,45 @@ def topk_kd_loss(student_logits: torch.Tensor, # [B,T,V] or [N,V]
     return token_divergence(s, t, divergence, beta, skew_alpha).sum() / normalizer(kept, num_kept_tokens)
 
 # %% ../nbs/20_losses.ipynb #fdf93917
-def distillation_kwargs(cfg: DistillationConfig, # the `distillation` config section
-                       ) -> dict: # keyword arguments for `combined_kd_loss`
-    "The `combined_kd_loss` options a `DistillationConfig` sets."
-    return dict(divergence=cfg.divergence, beta=cfg.beta, skew_alpha=cfg.skew_alpha, temperature=cfg.temperature,
-                kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, topk_tail=cfg.topk_tail, fused=cfg.fused,
-                chunk_size=cfg.chunk_size)
+@dataclass(frozen=True)
+class KDOptions:
+    "The options of the KD + CE term, shared by the plain and the fused loss."
+    divergence: str = 'jsd' # one of DIVERGENCES
+    beta: float = 0.5 # generalized JSD interpolation (0: forward KL, 1: reverse KL)
+    skew_alpha: float = 0.1 # skew of the skew divergences
+    temperature: float = 1.0 # softmax temperature of the divergence (CE is at 1)
+    kd_weight: float = 1.0 # weight of the divergence
+    ce_weight: float = 0.0 # weight of the CE on labels
+    topk_tail: str = 'bucket' # 'renorm' or 'bucket' with a cached top-k teacher
+    fused: bool = True # with hidden states: chunked fused loss (no full logits)
+    chunk_size: int = 0 # kept tokens per chunk of the fused loss; 0: auto from the vocabulary
 
-def _plain_kd(student_logits, labels, teacher_logits, teacher_topk, divergence, beta, skew_alpha, temperature, topk_tail, num_kept_tokens):
-    if teacher_topk is not None:
-        return topk_kd_loss(student_logits, *teacher_topk, labels, divergence, topk_tail, beta, skew_alpha, temperature, num_kept_tokens)
-    return divergence_loss(student_logits, teacher_logits, labels, divergence, beta, skew_alpha, temperature, num_kept_tokens)
+    @classmethod
+    def from_config(cls, cfg: DistillationConfig) -> 'KDOptions':
+        "The options a `distillation` config section sets."
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
-def combined_kd_loss(labels: torch.Tensor, # [B,T] or [N] targets, -100 ignored
-                     student_logits: torch.Tensor | None = None, # [..., V]; or student_hidden + student_head_weight
-                     student_hidden: torch.Tensor | None = None, # [..., D] final normed hidden states
-                     student_head_weight: torch.Tensor | None = None, # [V, D] output head
-                     teacher_logits: torch.Tensor | None = None, # [..., V] teacher logits
-                     teacher_hidden: torch.Tensor | None = None, # [..., Dt] teacher hidden (with teacher_head_weight)
-                     teacher_head_weight: torch.Tensor | None = None, # [V, Dt] teacher output head
+def plain_kd_ce_loss(labels: torch.Tensor, # [B,T] or [N] targets, -100 ignored
+                     student_logits: torch.Tensor, # [..., V]
+                     teacher_logits: torch.Tensor | None = None, # [..., V] teacher logits, or:
                      teacher_topk: tuple | None = None, # (ids [..., k], log-probs [..., k]) from the teacher cache
-                     divergence: str = 'jsd', # one of DIVERGENCES
-                     beta: float = 0.5, # generalized JSD interpolation
-                     skew_alpha: float = 0.1, # skew of the skew divergences
-                     temperature: float = 1.0, # softmax temperature of the divergence (CE is at 1)
-                     kd_weight: float = 1.0, # weight of the divergence
-                     ce_weight: float = 0.0, # weight of the CE on labels
-                     topk_tail: str = 'bucket', # 'renorm' or 'bucket' for teacher_topk
-                     fused: bool = True, # with hidden states: chunked fused loss (no full logits)
-                     chunk_size: int = 0, # kept tokens per chunk of the fused loss; 0: auto from the vocabulary
+                     opts: KDOptions = KDOptions(), # divergence, weights, top-k tail
                      num_kept_tokens=None, # kept tokens of the whole optimizer step; None: this batch's
-                     extra_losses: dict | None = None, # {name: (weight, scalar loss)} added to the total
-                    ) -> tuple[torch.Tensor, dict]: # (weighted total, {name: unweighted detached component})
-    "Weighted KD + CE (+ extra) loss and its components, normalised by the optimizer step's kept tokens."
-    if kd_weight > 0 and teacher_logits is None and teacher_topk is None and teacher_hidden is None:
+                    ) -> tuple[torch.Tensor, dict]: # (weighted total, {'kd', 'ce'} unweighted, detached)
+    "Weighted KD + CE from full student logits, normalised by the optimizer step's kept tokens."
+    if opts.kd_weight > 0 and teacher_logits is None and teacher_topk is None:
         raise ValueError('kd_weight > 0 needs a teacher: teacher_logits, teacher_hidden + teacher_head_weight or teacher_topk')
-    if student_logits is None and (student_hidden is None or student_head_weight is None):
-        raise ValueError('give student_logits, or student_hidden and student_head_weight')
-    if student_logits is None and fused:
-        from kd_lib.fused import fused_linear_kd_loss  # kd_lib.fused builds on this module's divergences
-        total, components = fused_linear_kd_loss(
-            student_hidden, student_head_weight, labels, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
-            teacher_head_weight=teacher_head_weight, teacher_topk=teacher_topk, divergence=divergence, beta=beta,
-            skew_alpha=skew_alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-            topk_tail=topk_tail, chunk_size=chunk_size, num_kept_tokens=num_kept_tokens)
-        components = dict(components)
-    else:
-        if student_logits is None: student_logits = student_hidden @ student_head_weight.T
-        if teacher_logits is None and teacher_hidden is not None:
-            with torch.no_grad(): teacher_logits = teacher_hidden @ teacher_head_weight.T
-        vocab = student_logits.shape[-1]
-        kept = kept_token_mask(labels, student_logits.numel() // vocab, student_logits.device)
-        zero = student_logits.new_zeros((), dtype=torch.float32)
-        kd = zero if kd_weight == 0 else _plain_kd(student_logits, labels, teacher_logits, teacher_topk, divergence, beta, skew_alpha, temperature, topk_tail, num_kept_tokens)
-        ce = zero if ce_weight == 0 else F.cross_entropy(upcast(student_logits.reshape(-1, vocab)[kept]), labels.reshape(-1)[kept], reduction='sum') / normalizer(kept, num_kept_tokens)
-        total = kd_weight * kd + ce_weight * ce
-        components = dict(kd=kd.detach(), ce=ce.detach())
-    for name, (weight, loss) in (extra_losses or {}).items():
-        total = total + weight * loss
-        components[name] = upcast(loss.detach())
-    components['total'] = total.detach()
-    return total, components
+    vocab = student_logits.shape[-1]
+    kept = kept_token_mask(labels, student_logits.numel() // vocab, student_logits.device)
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    o = opts
+    if o.kd_weight == 0: kd = zero
+    elif teacher_topk is not None:
+        kd = topk_kd_loss(student_logits, *teacher_topk, labels, o.divergence, o.topk_tail, o.beta, o.skew_alpha, o.temperature,
+                          num_kept_tokens)
+    else: kd = divergence_loss(student_logits, teacher_logits, labels, o.divergence, o.beta, o.skew_alpha, o.temperature, num_kept_tokens)
+    ce = zero
+    if o.ce_weight > 0:
+        flat = upcast(student_logits.reshape(-1, vocab)[kept])
+        ce = F.cross_entropy(flat, labels.reshape(-1)[kept], reduction='sum') / normalizer(kept, num_kept_tokens)
+    return o.kd_weight * kd + o.ce_weight * ce, dict(kd=kd.detach(), ce=ce.detach())

@@ -10,7 +10,6 @@ import hashlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, TeacherConfig
 from .models import StudentLM, positions_from_mask

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config import Config, ConfigError
-from .device import autocast_dtype, get_training_device, seed_everything, set_deterministic
+from .device import autocast_dtype, get_training_device
 from .tracing import Tracer
 
 # %% ../nbs/40_train.ipynb #e85b8d16

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kd_lib.config import ConfigError, config_from_dict
-from kd_lib.qat import load_int8, qat_markdown, qat_report, run_qat_stage
+from kd_lib.qat import load_int8
+from kd_lib.recipes import qat_markdown, qat_report, run_stage
 from kd_lib.recipes import run_stage
 from kd_lib.tracing import read_metrics
 
@@ -28,19 +29,19 @@ def trained(tmp_path_factory):
     assert run_stage(tiny(tmp_path, 'teacher'), tmp_path/'teacher', evaluate=False).status == 'finished'
     teacher = dict(kind='checkpoint', path=str(tmp_path/'teacher/final'))
     assert run_stage(tiny(tmp_path, 'kd', teacher=teacher), tmp_path/'kd', evaluate=False).status == 'finished'
-    cfg = tiny(tmp_path, 'qat', teacher=teacher, distillation=dict(ce_weight=0.5),
+    cfg = tiny(tmp_path, 'qat', teacher=teacher, distillation=dict(kd_weight=1.0, ce_weight=0.5),
                qat=dict(enabled=True, calibration_batches=2, student_path=str(tmp_path/'kd/final')))
     return tmp_path, cfg
 
 
 def test_qat_stage_end_to_end(trained):
     tmp_path, cfg = trained
-    with pytest.raises(ConfigError, match='qat.enabled'): run_qat_stage(cfg.override('qat.enabled=false'), tmp_path/'x')
-    with pytest.raises(ConfigError, match='qat.student_path'): run_qat_stage(cfg.override(f'qat.student_path={tmp_path}/none'), tmp_path/'x')
+    with pytest.raises(ConfigError, match='qat.enabled'): run_stage(cfg.override('qat.enabled=false'), tmp_path/'x')
+    with pytest.raises(ConfigError, match='qat.student_path'): run_stage(cfg.override(f'qat.student_path={tmp_path}/none'), tmp_path/'x')
 
     # interrupted after 3 steps, then resumed: the frozen activation scales come back from the checkpoint
-    assert run_qat_stage(cfg, tmp_path/'qat', until=3).status == 'stopped'
-    result = run_qat_stage(cfg, tmp_path/'qat')
+    assert run_stage(cfg, tmp_path/'qat', until=3).status == 'stopped'
+    result = run_stage(cfg, tmp_path/'qat')
     assert result.status == 'finished' and result.step == 6
     m = read_metrics(tmp_path/'qat', split='train')
     assert [r['step'] for r in m] == list(range(1, 7)) and m[0]['kd'] > 0 and m[0]['ce'] > 0  # KD against the fp teacher

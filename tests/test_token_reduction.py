@@ -3,7 +3,7 @@ import json
 
 from conftest import ROOT, TINY
 from kd_lib.config import load_config
-from kd_lib.inspect import read_halt_records
+from kd_lib.explore import read_halt_records
 from kd_lib.recipes import run_token_reduction
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_lib.inspect import (HaltExplorer, LossExplorer, ema, load_run, read_halt_records, series, write_demo_halt_records)
+from kd_lib.explore import (HaltExplorer, LossExplorer, ema, load_run, read_halt_records, series, write_demo_halt_records)
 
 ROOT = Path(__file__).resolve().parents[1]
 
