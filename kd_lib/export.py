@@ -7,7 +7,7 @@ __all__ = ['SIDE_HEADS', 'CHAT_TEMPLATE', 'HF_TOKENIZER_FILES', 'llama_config', 
            'student_config', 'student_state_dict', 'student_from_llama', 'hf_tokenizer', 'float_state_dict', 'to_hf',
            'export_summary']
 
-# %% ../nbs/13_export.ipynb #7946657c
+# %% ../nbs/13_export.ipynb #04301037
 import json
 import shutil
 from dataclasses import asdict
@@ -21,7 +21,7 @@ from .models import StudentLM, arch_fingerprint, mlp_hidden_size
 from .qat import load_int8, read_quantization
 from .tokenizer import BOS, EOS, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, load_tokenizer
 
-# %% ../nbs/13_export.ipynb #cd86e2a9
+# %% ../nbs/13_export.ipynb #e33d9811
 def llama_config(cfg: ModelConfig, # the student's architecture
                  **token_ids, # bos_token_id, eos_token_id, pad_token_id (from the tokenizer)
                 ) -> dict: # a LlamaForCausalLM config.json
@@ -35,7 +35,7 @@ def llama_config(cfg: ModelConfig, # the student's architecture
                 attention_dropout=0.0, mlp_bias=False, initializer_range=cfg.init_std, use_cache=True, dtype='float32',
                 **token_ids)
 
-# %% ../nbs/13_export.ipynb #f01e9a05
+# %% ../nbs/13_export.ipynb #159d0a72
 SIDE_HEADS = ('halt_head.', 'self_eval_head.')  # StudentLM tensors with no Llama counterpart
 
 _LAYER_NAMES = {'attn_norm.weight': 'input_layernorm.weight', 'mlp_norm.weight': 'post_attention_layernorm.weight',
@@ -65,7 +65,7 @@ def side_heads(state: dict # a StudentLM state_dict
     "The tensors of the heads Llama cannot express."
     return {k: v.contiguous() for k, v in state.items() if k.startswith(SIDE_HEADS)}
 
-# %% ../nbs/13_export.ipynb #986b0f53
+# %% ../nbs/13_export.ipynb #9d66f2d3
 def _llama_fields(config) -> dict:
     return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
 
@@ -98,7 +98,7 @@ def student_config(config, # a transformers LlamaConfig or a Llama config.json d
                  tie_embeddings=bool(c.get('tie_word_embeddings', False)), init_std=c.get('initializer_range', 0.02))
     return config_from_dict({'model': model}, source=source).model
 
-# %% ../nbs/13_export.ipynb #5c0373b4
+# %% ../nbs/13_export.ipynb #55467694
 def student_state_dict(state: dict, # a LlamaForCausalLM state_dict
                        cfg: ModelConfig, # from `student_config`
                       ) -> dict: # the StudentLM state_dict (loads with strict=True)
@@ -113,7 +113,7 @@ def student_state_dict(state: dict, # a LlamaForCausalLM state_dict
         out.update({ours + key: state[theirs + name] for key, name in _LAYER_NAMES.items()})
     return out
 
-# %% ../nbs/13_export.ipynb #2bc7a3bd
+# %% ../nbs/13_export.ipynb #520be48b
 def _read_safetensors(folder: Path) -> dict:
     index = folder / 'model.safetensors.index.json'
     if index.is_file():
@@ -134,7 +134,7 @@ def student_from_llama(folder, # a local Hugging Face Llama folder
     model.load_state_dict(student_state_dict(_read_safetensors(folder), cfg), strict=True)
     return model.to(torch.device(device or 'cpu')).eval()
 
-# %% ../nbs/13_export.ipynb #c8f18606
+# %% ../nbs/13_export.ipynb #3400a2c7
 CHAT_TEMPLATE = (  # kd_lib's training text: BOS, request + newline, calls and results, answer, EOS
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
@@ -154,7 +154,7 @@ CHAT_TEMPLATE = (  # kd_lib's training text: BOS, request + newline, calls and r
     "{%- endfor -%}"
 )
 
-# %% ../nbs/13_export.ipynb #f906decb
+# %% ../nbs/13_export.ipynb #969f37dd
 def hf_tokenizer(tokenizer, # a tokenizers.Tokenizer with kd_lib's special tokens
                  max_length: int, # model_max_length (the student's max_seq_len)
                 ): # a transformers PreTrainedTokenizerFast
@@ -167,7 +167,7 @@ def hf_tokenizer(tokenizer, # a tokenizers.Tokenizer with kd_lib's special token
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
-# %% ../nbs/13_export.ipynb #94e5761c
+# %% ../nbs/13_export.ipynb #948fe6eb
 def float_state_dict(model: StudentLM # a float StudentLM or one from `load_int8`
                     ) -> dict: # StudentLM tensor names -> float32 tensors
     "The float weights of a student (int8 layers dequantized)."
@@ -177,11 +177,10 @@ def float_state_dict(model: StudentLM # a float StudentLM or one from `load_int8
         if hasattr(module, 'qweight'):
             out[prefix + 'weight'] = module.weight.float()
             if getattr(module, 'bias', None) is not None: out[prefix + 'bias'] = module.bias.float()
-        elif not any(hasattr(m, 'qweight') for m in [module]):
-            out.update({prefix + k: v.float() for k, v in module.named_parameters(recurse=False)})
+        else: out.update({prefix + k: v.float() for k, v in module.named_parameters(recurse=False)})
     return {k: v.detach() for k, v in out.items()}
 
-# %% ../nbs/13_export.ipynb #734f881c
+# %% ../nbs/13_export.ipynb #79f72671
 HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja',
                       'chat_template.json', 'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json')
 
