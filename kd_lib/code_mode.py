@@ -10,6 +10,7 @@ __all__ = ['CODE_TOOL', 'CodeError', 'ToolResult', 'run_program', 'recorded_or_r
 import ast
 import json
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -135,6 +136,7 @@ class _Interpreter:
         if not isinstance(node.func, ast.Name) or name not in self.tools:
             _refuse(node, f'unknown tool {ast.unparse(node.func)!r}; known tools: {sorted(self.tools)}')
         if node.args or any(k.arg is None for k in node.keywords): _refuse(node, f'{name}(...) takes keyword arguments only')
+        if len({k.arg for k in node.keywords}) < len(node.keywords): _refuse(node, f'{name}(...) repeats a keyword argument')
         result = self.call_tool(name, {k.arg: self.expr(k.value) for k in node.keywords})
         if isinstance(result, dict) and 'error' in result: _refuse(node, f'{name}(...) failed: {result["error"]}')
         if not isinstance(result, dict): _refuse(node, f'{name}(...) returned a {type(result).__name__}, not a JSON object')
@@ -145,7 +147,10 @@ def _parse(source: str, limits: CodeModeConfig) -> list:
     "The program's statements, or a CodeError for an over-long, unparsable, too deeply nested or empty program."
     if len(source) > limits.max_program_chars:
         raise CodeError(f'line 1: the program has {len(source)} characters, over code_mode.max_program_chars={limits.max_program_chars}')
-    try: tree = ast.parse(source)
+    try:
+        with warnings.catch_warnings():  # invalid escapes and the like: the program's problem, not the log's
+            warnings.simplefilter('ignore')
+            tree = ast.parse(source)
     except SyntaxError as e: raise CodeError(f'line {e.lineno or 1}: syntax error: {e.msg}') from None
     except (RecursionError, MemoryError): raise CodeError('line 1: the program nests too deeply for the parser') from None
     except Exception as e: raise CodeError(f'line 1: cannot parse the program: {type(e).__name__}: {e}') from None

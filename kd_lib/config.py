@@ -135,7 +135,7 @@ class CodeModeConfig:
     max_steps: int = _key(10_000, 'interpreter steps (nodes evaluated) a generated program may take', ge=1)
     max_seconds: float = _key(2.0, 'wall time a generated program may run', gt=0)
     max_container_size: int = _key(100_000, 'size (elements + string characters) of any value a program builds', ge=1)
-    max_program_chars: int = _key(100_000, 'characters of the program text (longer programs are not parsed)', ge=1)
+    max_program_chars: int = _key(20_000, 'characters of the program text (longer programs are not parsed)', ge=1)
     max_output_chars: int = _key(4_000, 'characters a program may print (longer error messages are cut)', ge=1)
 
 @dataclass(frozen=True)
