@@ -49,8 +49,9 @@ class _Interpreter:
     def step(self, node):
         "Count one evaluated node; refuse once the step or wall-time budget is spent."
         self.steps += 1
-        if self.steps > self.limits.max_steps: _refuse(node, f'the program ran past code_mode.max_steps={self.limits.max_steps} steps')
-        if time.monotonic() > self.deadline: _refuse(node, f'the program ran past code_mode.max_seconds={self.limits.max_seconds}')
+        limits = self.limits
+        if self.steps > limits.max_steps: _refuse(node, f'the program ran past code_mode.max_steps={limits.max_steps} steps')
+        if time.monotonic() > self.deadline: _refuse(node, f'the program ran past code_mode.max_seconds={limits.max_seconds}')
 
     def size(self, value) -> int:
         "Elements plus string characters of a value; an alias counts each time it appears (containers memoised by id)."
@@ -63,7 +64,8 @@ class _Interpreter:
     def checked(self, node, value):
         "The value just built, refused when its size is over max_container_size."
         size, limit = self.size(value), self.limits.max_container_size
-        if size > limit: _refuse(node, f'a value of size {size} (elements + characters) is over code_mode.max_container_size={limit}')
+        if size > limit:
+            _refuse(node, f'a value of size {size} (elements + characters) is over code_mode.max_container_size={limit}')
         return value
 
     def statement(self, node, last: bool):
@@ -128,7 +130,8 @@ class _Interpreter:
     def attribute(self, node):
         value = self.expr(node.value)
         if not isinstance(value, ToolResult): _refuse(node, f'attribute access .{node.attr} is only allowed on tool results')
-        if node.attr not in value: _refuse(node, f'the result {ast.unparse(node.value)} has no field {node.attr!r} (fields: {sorted(value, key=str)})')
+        if node.attr not in value:
+            _refuse(node, f'the result {ast.unparse(node.value)} has no field {node.attr!r} (fields: {sorted(value, key=str)})')
         return value[node.attr]
 
     def call(self, node):
@@ -146,7 +149,8 @@ class _Interpreter:
 def _parse(source: str, limits: CodeModeConfig) -> list:
     "The program's statements, or a CodeError for an over-long, unparsable, too deeply nested or empty program."
     if len(source) > limits.max_program_chars:
-        raise CodeError(f'line 1: the program has {len(source)} characters, over code_mode.max_program_chars={limits.max_program_chars}')
+        raise CodeError(f'line 1: the program has {len(source)} characters, '
+                        f'over code_mode.max_program_chars={limits.max_program_chars}')
     try:
         with warnings.catch_warnings():  # invalid escapes and the like: the program's problem, not the log's
             warnings.simplefilter('ignore')
@@ -167,7 +171,7 @@ def _execute(interpreter: _Interpreter, node, last: bool):
 def run_program(source: str, # the program text
                 call_tool=run_tool, # (name, arguments) -> result dict
                 tools=TOOLS, # names a program may call
-                limits: CodeModeConfig = CodeModeConfig(), # the budgets: code_mode.max_steps, max_seconds, max_container_size, ...
+                limits: CodeModeConfig = CodeModeConfig(), # the budgets (code_mode.max_*)
                ) -> str: # what the final print writes (values joined by spaces)
     "Run a code-mode program with the safe interpreter and return its printed output; any failure is a CodeError."
     interpreter = _Interpreter(call_tool, tools, limits)  # the wall-time budget starts here

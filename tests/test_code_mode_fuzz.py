@@ -1,4 +1,4 @@
-"Code-mode runtime fuzz (issue 17): thousands of random and adversarial programs, each a result or a reasoned failure within its budgets."
+"Code-mode runtime fuzz (issue 17): random and adversarial programs, each a result or a reasoned failure within its budgets."
 import ast
 import random
 import re
@@ -16,8 +16,10 @@ TIGHT = CodeModeConfig(max_steps=500, max_seconds=0.5, max_container_size=5_000,
 SLACK_S = 1.0  # scheduling noise on a shared machine; the budgets themselves are checked by the notebook tests
 TOOL_NAMES = sorted(TOOLS)
 ARGUMENTS = sorted({p for t in TOOLS.values() for p in t.parameters.get('properties', {})})
-NAMES = ['a', 'b', 'r', 'x', 'print', 'open', 'eval', 'exec', '__import__', '__builtins__', 'getattr', 'globals', *TOOL_NAMES[:4]]
-DUNDERS = ['__class__', '__bases__', '__subclasses__', '__dict__', '__globals__', '__init__', '__mro__', '__self__', 'keys', 'city']
+NAMES = ['a', 'b', 'r', 'x', 'print', 'open', 'eval', 'exec', '__import__', '__builtins__', 'getattr', 'globals',
+         *TOOL_NAMES[:4]]
+DUNDERS = ['__class__', '__bases__', '__subclasses__', '__dict__', '__globals__', '__init__', '__mro__', '__self__',
+           'keys', 'city']
 
 
 def run_one(source: str, reference: dict, limits: CodeModeConfig = LIMITS, call_tool=None) -> dict:
@@ -25,7 +27,8 @@ def run_one(source: str, reference: dict, limits: CodeModeConfig = LIMITS, call_
     start = time.monotonic()
     try:
         if call_tool is None:
-            result = resolve_code_mode_result(reference, SimpleNamespace(name=CODE_TOOL, arguments={'code': source}, error=None), limits)
+            call = SimpleNamespace(name=CODE_TOOL, arguments={'code': source}, error=None)
+            result = resolve_code_mode_result(reference, call, limits)
         else:
             try: result = {'output': run_program(source, call_tool, limits=limits)}
             except CodeError as e: result = {'error': str(e)}
@@ -42,11 +45,13 @@ def run_one(source: str, reference: dict, limits: CodeModeConfig = LIMITS, call_
 
 
 NESTINGS = [('[', '1', ']'), ('(', '1', ')'), ('{1: ', '1', '}'), ('-', '1', ''), ('not ', '1', ''), ('~', '1', ''),
-            ('lambda: ', '1', ''), ('1 if 1 else ', '1', ''), ('a', '', '[0]'), ('a', '', '.b'), ('f', '', '()'), ('1', '', ' ** 1'),
-            ('1', '', ' + 1'), ('x', '', ' or x')]  # (opening, innermost, closing), the outer two repeated n times
+            ('lambda: ', '1', ''), ('1 if 1 else ', '1', ''), ('a', '', '[0]'), ('a', '', '.b'), ('f', '', '()'),
+            ('1', '', ' ** 1'), ('1', '', ' + 1'), ('x', '', ' or x')]  # (opening, innermost, closing); the outer two n times
 DOUBLINGS = {'list': ('a = [1, 1]', 'a = [a, a]'), 'dict': ("a = {'k': 1}", "a = {'k': a, 'j': a}"),
-             'string': ("a = ['" + 'z' * 1_000 + "']", 'a = [a, a, a]'), 'tool': ("a = get_time(city='Oslo')", 'a = [a, a]'),
-             'chain': ('a = [1]\nb = [a, a]', 'a = [b, b]\nb = [a, a]'), 'deep': ('a = [1]', 'a = [a]')}  # (start, repeated step)
+             'string': ("a = ['" + 'z' * 1_000 + "']", 'a = [a, a, a]'),
+             'tool': ("a = get_time(city='Oslo')", 'a = [a, a]'),
+             'chain': ('a = [1]\nb = [a, a]', 'a = [b, b]\nb = [a, a]'),
+             'deep': ('a = [1]', 'a = [a]')}  # (start, repeated step)
 
 def nested(opening: str, inner: str, closing: str, n: int) -> str: return f'x = {opening * n}{inner}{closing * n}\nprint(x)'
 
@@ -54,13 +59,15 @@ def doubling(name: str, n: int) -> str: return '\n'.join([DOUBLINGS[name][0]] + 
 
 HARMLESS = [*(nested(*nesting, n) for n in (150, 199) for nesting in NESTINGS[:3]),
             *(doubling(name, 5) for name in ('list', 'dict', 'tool', 'deep')), doubling('chain', 3), doubling('deep', 40),
-            'print()', 'x = 1\r\nprint(x)\r\n', 'print(1);', 'x = ...\nprint(x)', 'x = 1j\nprint(x)', 'x = -1e308 \nprint(x)',
-            'x = 1e999\nprint(x)', "x = '\\U0010ffff\\x00'\nprint([x])", "r = get_time(city='Oslo')\nprint(r.city, r['city'])",
+            'print()', 'x = 1\r\nprint(x)\r\n', 'print(1);', 'x = ...\nprint(x)', 'x = 1j\nprint(x)',
+            'x = -1e308 \nprint(x)', 'x = 1e999\nprint(x)', "x = '\\U0010ffff\\x00'\nprint([x])",
+            "r = get_time(city='Oslo')\nprint(r.city, r['city'])",
             'x = [1]\n' * 2_400 + 'print(x)']
 
 REFUSED = [
     # deep nesting, in the parser and in the interpreter
-    *(nested(*nesting, n) for n in (1_000, 5_000) for nesting in NESTINGS), *(nested(*nesting, 150) for nesting in NESTINGS[3:]),
+    *(nested(*nesting, n) for n in (1_000, 5_000) for nesting in NESTINGS),
+    *(nested(*nesting, 150) for nesting in NESTINGS[3:]),
     'x = ' + '[' * 2000, 'print(' * 5000, ')' * 500,
     # huge literals and long programs
     'x = "' + 'a' * 200_000 + '"\nprint(x)', 'x = ' + '9' * 5_000 + '\nprint(x)', 'x = [' + '1, ' * 6_000 + ']\nprint(x)',
@@ -69,7 +76,8 @@ REFUSED = [
     *(doubling(name, n) for name in DOUBLINGS for n in (40, 3_000) if (name, n) != ('deep', 40)), doubling('string', 10),
     # unhashable keys and bad subscripts
     'x = {[1]: 2}\nprint(x)', 'x = {{}: 1}\nprint(x)', "r = get_time(city='Oslo')\nx = {r: 1}\nprint(x)",
-    'x = {1: 2}\nprint(x[[1]])', "x = [1]\nprint(x['a'])", 'x = [1]\nprint(x[10 ** 100])', "x = {1: 'a', 'b': 2}\nprint(x[3])",
+    'x = {1: 2}\nprint(x[[1]])', "x = [1]\nprint(x['a'])", 'x = [1]\nprint(x[10 ** 100])',
+    "x = {1: 'a', 'b': 2}\nprint(x[3])",
     'x = [1]\nprint(x[0:1])', "x = 'abc'\nprint(x[0])",
     # attributes and dunders
     'print(().__class__.__bases__[0].__subclasses__())', 'x = 1\nprint(x.__dict__)', 'print(print.__self__)',
@@ -78,12 +86,15 @@ REFUSED = [
     'print(__builtins__)', "print(getattr(x=1, name='__class__'))", 'print(globals())',
     # recursion, loops, exponents and repetition
     'def f():\n    return f()\nf()\nprint(1)', 'import sys\nsys.setrecursionlimit(10)\nprint(1)', "print('a' * 10 ** 9)",
-    'print(10 ** 10 ** 10)', 'x = 2 ** 10000000\nprint(x)', 'print([0] * 10 ** 9)', "print(f'{10 ** 10 ** 10}')", "print('%s' % 1)",
+    'print(10 ** 10 ** 10)', 'x = 2 ** 10000000\nprint(x)', 'print([0] * 10 ** 9)', "print(f'{10 ** 10 ** 10}')",
+    "print('%s' % 1)",
     'while True:\n    pass\nprint(1)', 'x = [i for i in [1]]\nprint(x)',
     # unknown functions and bad tool calls
-    "print(open(file='/etc/passwd'))", "print(exec(code='1'))", "print(eval('1'))", "r = get_time(city='Oslo')(1)\nprint(r)",
-    "r = get_time(city='Oslo').city(x=1)\nprint(r)", "r = get_time(city=[1, 1])\nprint(r)", "r = get_time(city=b'Oslo')\nprint(r)",
-    "r = get_time(**{'city': 'x'})\nprint(r)", "r = get_time(city={'a': [1]})\nprint(r)", "r = calculate(expression='² + 1')\nprint(r)",
+    "print(open(file='/etc/passwd'))", "print(exec(code='1'))", "print(eval('1'))",
+    "r = get_time(city='Oslo')(1)\nprint(r)", "r = get_time(city='Oslo').city(x=1)\nprint(r)",
+    "r = get_time(city=[1, 1])\nprint(r)", "r = get_time(city=b'Oslo')\nprint(r)",
+    "r = get_time(**{'city': 'x'})\nprint(r)", "r = get_time(city={'a': [1]})\nprint(r)",
+    "r = calculate(expression='² + 1')\nprint(r)",
     "r = calculate(expression='" + '9' * 5_000 + " + 1')\nprint(r)", "r = calculate(expression=1)\nprint(r)",
     "r = get_time(city='Oslo', city='Rome')\nprint(r)",
     # statements and print forms that are not allowed
@@ -96,8 +107,8 @@ REFUSED = [
 
 class RandomPrograms:
     "Random programs: token soup, random ASTs (unparsed to source) and mutated corpus programs, from one seeded RNG."
-    TOKENS = ['=', '(', ')', '[', ']', '{', '}', ':', ',', '.', '\n', '\n', '**', '*', '+', '-', "'s'", '"Oslo"', '0', '1', '10',
-              '1e9', 'print', 'import', 'lambda', 'def', 'for', 'in', 'if', 'else', 'while', 'not', '__class__', '#', '\\',
+    TOKENS = ['=', '(', ')', '[', ']', '{', '}', ':', ',', '.', '\n', '\n', '**', '*', '+', '-', "'s'", '"Oslo"', '0', '1',
+              '10', '1e9', 'print', 'import', 'lambda', 'def', 'for', 'in', 'if', 'else', 'while', 'not', '__class__', '#', '\\',
               "'''", '@', ';', '    ', *NAMES, *ARGUMENTS, *TOOL_NAMES]
 
     def __init__(self, seed: int): self.rng = random.Random(seed)
@@ -106,8 +117,8 @@ class RandomPrograms:
         return ' '.join(self.rng.choice(self.TOKENS) for _ in range(self.rng.randint(1, 60)))
 
     def constant(self):
-        return self.rng.choice([0, -1, 1.5, True, None, 'Oslo', 'liam', '', 'x' * self.rng.randint(0, 50), 10 ** self.rng.randint(1, 40),
-                                '² + 1', '3 * 4', b'by', 'é'])
+        return self.rng.choice([0, -1, 1.5, True, None, 'Oslo', 'liam', '', 'x' * self.rng.randint(0, 50),
+                                10 ** self.rng.randint(1, 40), '² + 1', '3 * 4', b'by', 'é'])
 
     def expr(self, depth: int, names: list) -> ast.expr:
         "A random expression, allowed kinds most of the time, any kind (binary ops, lambdas, sets, ...) sometimes."
@@ -126,11 +137,16 @@ class RandomPrograms:
         if r < 0.8: return ast.Attribute(value=e(), attr=self.rng.choice(DUNDERS))
         if r < 0.85: return ast.UnaryOp(op=self.rng.choice([ast.USub(), ast.UAdd(), ast.Not(), ast.Invert()]), operand=e())
         other = [lambda: ast.BinOp(left=e(), op=self.rng.choice([ast.Add(), ast.Mult(), ast.Pow(), ast.Mod()]), right=e()),
-                 lambda: ast.Tuple(elts=[e(), e()]), lambda: ast.Set(elts=[e()]), lambda: ast.IfExp(test=e(), body=e(), orelse=e()),
-                 lambda: ast.Compare(left=e(), ops=[ast.Lt()], comparators=[e()]), lambda: ast.BoolOp(op=ast.Or(), values=[e(), e()]),
-                 lambda: ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]), body=e()),
-                 lambda: ast.ListComp(elt=e(), generators=[ast.comprehension(target=ast.Name(id='i'), iter=e(), ifs=[], is_async=0)]),
-                 lambda: ast.Starred(value=e()), lambda: ast.JoinedStr(values=[ast.FormattedValue(value=e(), conversion=-1)])]
+                 lambda: ast.Tuple(elts=[e(), e()]), lambda: ast.Set(elts=[e()]),
+                 lambda: ast.IfExp(test=e(), body=e(), orelse=e()),
+                 lambda: ast.Compare(left=e(), ops=[ast.Lt()], comparators=[e()]),
+                 lambda: ast.BoolOp(op=ast.Or(), values=[e(), e()]),
+                 lambda: ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
+                                    body=e()),
+                 lambda: ast.ListComp(elt=e(), generators=[ast.comprehension(target=ast.Name(id='i'), iter=e(), ifs=[],
+                                                                             is_async=0)]),
+                 lambda: ast.Starred(value=e()),
+                 lambda: ast.JoinedStr(values=[ast.FormattedValue(value=e(), conversion=-1)])]
         return self.rng.choice(other)()
 
     def random_ast(self) -> str:
@@ -169,18 +185,20 @@ def test_adversarial_programs(episodes, limits):
     refused, harmless = ([run_one(source, episodes[0], limits) for source in programs] for programs in (REFUSED, HARMLESS))
     assert all('error' in r for r in refused), [(p[:80], r) for p, r in zip(REFUSED, refused) if 'output' in r]
     errors = ' '.join(r.get('error', '') for r in refused + harmless)
-    for reason in ('nests too deeply', 'max_container_size', 'max_program_chars', 'max_output_chars', 'cannot be a dict key',
-                   'syntax error', 'only allowed on tool results', 'unknown tool', 'ValueError', *(['max_steps'] if limits is TIGHT else [])):
-        assert reason in errors, reason
-    if limits is LIMITS: assert all('output' in r for r in harmless), [(p[:80], r) for p, r in zip(HARMLESS, harmless) if 'error' in r]
+    reasons = ['nests too deeply', 'max_container_size', 'max_program_chars', 'max_output_chars', 'cannot be a dict key',
+               'syntax error', 'only allowed on tool results', 'unknown tool', 'ValueError']
+    for reason in reasons + (['max_steps'] if limits is TIGHT else []): assert reason in errors, reason
+    if limits is LIMITS:  # with the defaults the harmless programs run
+        assert all('output' in r for r in harmless), [(p[:80], r) for p, r in zip(HARMLESS, harmless) if 'error' in r]
 
 
 def test_random_programs(episodes):
     gen, counts = RandomPrograms(seed=17), {'output': 0, 'error': 0}
     for i in range(6_000):
         kind = i % 3
-        source = gen.token_soup() if kind == 0 else gen.random_ast() if kind == 1 else gen.mutation(episodes[i % len(episodes)]['code_text'])
-        counts[next(iter(run_one(source, episodes[i % len(episodes)])))] += 1
+        episode = episodes[i % len(episodes)]
+        source = gen.token_soup() if kind == 0 else gen.random_ast() if kind == 1 else gen.mutation(episode['code_text'])
+        counts[next(iter(run_one(source, episode)))] += 1
     assert counts['output'] > 150 and counts['error'] > 3_000, counts  # both paths are exercised
 
 
