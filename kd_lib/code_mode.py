@@ -9,6 +9,8 @@ __all__ = ['CODE_TOOL', 'CodeError', 'ToolResult', 'run_program', 'recorded_or_r
 # %% ../nbs/53_code_mode.ipynb #f8cd475b
 import ast
 import json
+import time
+import warnings
 from types import SimpleNamespace
 
 from .config import CodeModeConfig
@@ -30,32 +32,73 @@ _LOOPS = (ast.For, ast.AsyncFor, ast.While, ast.ListComp, ast.SetComp, ast.DictC
 def _refuse(node, what: str):
     raise CodeError(f'line {getattr(node, "lineno", "?")}: {what}')
 
+def _scalar_size(value) -> int:
+    "Characters of a string, decimal digits (at most) of an int, 1 for any other scalar."
+    if isinstance(value, (str, bytes)): return max(len(value), 1)
+    if isinstance(value, int): return value.bit_length() // 3 + 1
+    return 1
+
 class _Interpreter:
-    "Evaluates the allowed node kinds against an environment of earlier results."
-    def __init__(self, call_tool, tools):
-        self.call_tool, self.tools, self.env = call_tool, tools, {}
+    "Evaluates the allowed node kinds against an environment of earlier results, within the limits."
+    def __init__(self, call_tool, tools, limits: CodeModeConfig):
+        self.call_tool, self.tools, self.limits, self.env = call_tool, tools, limits, {}
+        self.steps, self.deadline, self.sizes = 0, time.monotonic() + limits.max_seconds, {}
+
+    def step(self, node):
+        "Count one evaluated node; refuse once the step or wall-time budget is spent."
+        self.steps += 1
+        limits = self.limits
+        if self.steps > limits.max_steps: _refuse(node, f'the program ran past code_mode.max_steps={limits.max_steps} steps')
+        if time.monotonic() > self.deadline: _refuse(node, f'the program ran past code_mode.max_seconds={limits.max_seconds}')
+
+    def size(self, value) -> int:
+        "Elements plus string characters of a value; an alias counts each time it appears (containers memoised by id)."
+        if not isinstance(value, (list, dict)): return _scalar_size(value)
+        if id(value) not in self.sizes:  # the value is kept with its size, so its id is not reused
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            self.sizes[id(value)] = (value, 1 + sum(self.size(v) for v in items))
+        return self.sizes[id(value)][1]
+
+    def checked(self, node, value):
+        "The value just built, refused when its size is over max_container_size."
+        size, limit = self.size(value), self.limits.max_container_size
+        if size > limit:
+            _refuse(node, f'a value of size {size} (elements + characters) is over code_mode.max_container_size={limit}')
+        return value
 
     def statement(self, node, last: bool):
+        self.step(node)
         if isinstance(node, (ast.Import, ast.ImportFrom)): _refuse(node, 'imports are not allowed in code-mode programs')
         if isinstance(node, _LOOPS): _refuse(node, 'loops are not allowed in code-mode programs')
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and getattr(node.value.func, 'id', None) == 'print':
             if not last: _refuse(node, 'print(...) must be the last statement')
             if node.value.keywords: _refuse(node, 'print(...) takes only positional values')
-            return ' '.join(str(self.expr(a)) for a in node.value.args)
+            return self.output(node)
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             if last: _refuse(node, 'the program must end with print(...)')
             self.env[node.targets[0].id] = self.expr(node.value)
             return None
         _refuse(node, f'{type(node).__name__} statements are not allowed (only `name = ...` and a final print)')
 
+    def output(self, node) -> str:
+        "What the final print writes, refused as soon as it passes max_output_chars."
+        parts, length, limit = [], -1, self.limits.max_output_chars
+        over = f'the output passes code_mode.max_output_chars={limit} characters'
+        for arg in node.value.args:
+            value = self.expr(arg)
+            if self.size(value) > 2 * limit: _refuse(node, over)  # its text is at least about its size: never written out
+            parts.append(str(value))
+            length += len(parts[-1]) + 1
+            if length > limit: _refuse(node, over)
+        return ' '.join(parts)
+
     def expr(self, node):
+        self.step(node)
         if isinstance(node, ast.Constant): return node.value
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and isinstance(node.operand, ast.Constant) \
                 and isinstance(node.operand.value, (int, float)): return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
-        if isinstance(node, ast.List): return [self.expr(e) for e in node.elts]
-        if isinstance(node, ast.Dict):
-            if None in node.keys: _refuse(node, '** in dict literals is not allowed')
-            return {self.expr(k): self.expr(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.List): return self.checked(node, [self.expr(e) for e in node.elts])
+        if isinstance(node, ast.Dict): return self.dict_literal(node)
         if isinstance(node, ast.Name):
             if node.id not in self.env: _refuse(node, f'unknown name {node.id!r} (assign it first; tools are only called)')
             return self.env[node.id]
@@ -65,18 +108,28 @@ class _Interpreter:
         if isinstance(node, _LOOPS): _refuse(node, 'loops are not allowed in code-mode programs')
         _refuse(node, f'{type(node).__name__} expressions are not allowed')
 
+    def dict_literal(self, node):
+        if None in node.keys: _refuse(node, '** in dict literals is not allowed')
+        out = {}
+        for k, v in zip(node.keys, node.values):
+            key = self.expr(k)
+            if isinstance(key, (list, dict)): _refuse(k, f'a {type(key).__name__} cannot be a dict key')
+            out[key] = self.expr(v)
+        return self.checked(node, out)
+
     def subscript(self, node):
         value, key = self.expr(node.value), self.expr(node.slice)
         if not isinstance(value, (dict, list)): _refuse(node, f'cannot subscript a {type(value).__name__}')
         try: return value[key]
         except (KeyError, IndexError, TypeError):
-            keys = f' (fields: {sorted(value)})' if isinstance(value, dict) else ''
+            keys = f' (fields: {sorted(value, key=str)})' if isinstance(value, dict) else ''
             _refuse(node, f'{key!r} is not in {ast.unparse(node.value)}{keys}')
 
     def attribute(self, node):
         value = self.expr(node.value)
         if not isinstance(value, ToolResult): _refuse(node, f'attribute access .{node.attr} is only allowed on tool results')
-        if node.attr not in value: _refuse(node, f'the result {ast.unparse(node.value)} has no field {node.attr!r} (fields: {sorted(value)})')
+        if node.attr not in value:
+            _refuse(node, f'the result {ast.unparse(node.value)} has no field {node.attr!r} (fields: {sorted(value, key=str)})')
         return value[node.attr]
 
     def call(self, node):
@@ -84,22 +137,49 @@ class _Interpreter:
         if not isinstance(node.func, ast.Name) or name not in self.tools:
             _refuse(node, f'unknown tool {ast.unparse(node.func)!r}; known tools: {sorted(self.tools)}')
         if node.args or any(k.arg is None for k in node.keywords): _refuse(node, f'{name}(...) takes keyword arguments only')
+        if len({k.arg for k in node.keywords}) < len(node.keywords): _refuse(node, f'{name}(...) repeats a keyword argument')
         result = self.call_tool(name, {k.arg: self.expr(k.value) for k in node.keywords})
         if isinstance(result, dict) and 'error' in result: _refuse(node, f'{name}(...) failed: {result["error"]}')
-        return ToolResult(result)
+        if not isinstance(result, dict): _refuse(node, f'{name}(...) returned a {type(result).__name__}, not a JSON object')
+        return self.checked(node, ToolResult(result))
 
 # %% ../nbs/53_code_mode.ipynb #515bde4d
+def _parse(source: str, limits: CodeModeConfig) -> list:
+    "The program's statements, or a CodeError for an over-long, unparsable, too deeply nested or empty program."
+    if len(source) > limits.max_program_chars:
+        raise CodeError(f'line 1: the program has {len(source)} characters, '
+                        f'over code_mode.max_program_chars={limits.max_program_chars}')
+    try:
+        with warnings.catch_warnings():  # invalid escapes and the like: the program's problem, not the log's
+            warnings.simplefilter('ignore')
+            tree = ast.parse(source)
+    except SyntaxError as e: raise CodeError(f'line {e.lineno or 1}: syntax error: {e.msg}') from None
+    except (RecursionError, MemoryError): raise CodeError('line 1: the program nests too deeply for the parser') from None
+    except Exception as e: raise CodeError(f'line 1: cannot parse the program: {type(e).__name__}: {e}') from None
+    if not tree.body: raise CodeError('line 1: empty program (it must end with print(...))')
+    return tree.body
+
+def _execute(interpreter: _Interpreter, node, last: bool):
+    "Run one statement, turning any error it raises into a CodeError naming its line."
+    try: return interpreter.statement(node, last)
+    except CodeError: raise
+    except RecursionError: _refuse(node, 'the program nests too deeply')
+    except Exception as e: _refuse(node, f'{type(e).__name__}: {e}'.removesuffix(': '))
+
 def run_program(source: str, # the program text
                 call_tool=run_tool, # (name, arguments) -> result dict
                 tools=TOOLS, # names a program may call
+                limits: CodeModeConfig = CodeModeConfig(), # the budgets (code_mode.max_*)
                ) -> str: # what the final print writes (values joined by spaces)
-    "Run a code-mode program with the safe interpreter and return its printed output."
-    try: tree = ast.parse(source)
-    except SyntaxError as e: raise CodeError(f'line {e.lineno}: syntax error: {e.msg}') from None
-    if not tree.body: raise CodeError('line 1: empty program (it must end with print(...))')
-    interpreter = _Interpreter(call_tool, tools)
-    for i, node in enumerate(tree.body): output = interpreter.statement(node, last=i == len(tree.body) - 1)
-    return output
+    "Run a code-mode program with the safe interpreter and return its printed output; any failure is a CodeError."
+    interpreter = _Interpreter(call_tool, tools, limits)  # the wall-time budget starts here
+    try:
+        body = _parse(source, limits)
+        for i, node in enumerate(body): output = _execute(interpreter, node, last=i == len(body) - 1)
+        return output
+    except CodeError as e:
+        if len(str(e)) <= limits.max_output_chars: raise
+        raise CodeError(str(e)[:limits.max_output_chars] + ' ...') from None
 
 # %% ../nbs/53_code_mode.ipynb #e68f1ae5
 CODE_TOOL = 'run_code'  # the pseudo-tool whose argument is a program
@@ -127,12 +207,13 @@ def code_mode_text(metadata: dict # episode metadata with code_text, calls and a
 
 def resolve_code_mode_result(reference: dict, # episode metadata
                              call, # the parsed call (kd_lib.extractors.ToolCall) or None
+                             limits: CodeModeConfig = CodeModeConfig(), # the program budgets (code_mode.max_*)
                             ) -> dict: # {"output": ...}, {"error": ...} or the tool's result
-    "Rollout result resolver that also runs `run_code` programs (with the safe interpreter)."
+    "Rollout result resolver that also runs `run_code` programs (with the safe interpreter, within `limits`)."
     if call is None or call.error is not None or call.name != CODE_TOOL: return resolve_tool_result(reference, call)
     code = (call.arguments or {}).get('code')
     if not isinstance(code, str): return {'error': f'{CODE_TOOL} needs a string argument "code"'}
-    try: return {'output': run_program(code, recorded_or_run(reference))}
+    try: return {'output': run_program(code, recorded_or_run(reference), limits=limits)}
     except CodeError as e: return {'error': str(e)}
 
 # %% ../nbs/53_code_mode.ipynb #93ebf9b5

@@ -130,12 +130,17 @@ class LatentConfig:
 
 @dataclass(frozen=True)
 class CodeModeConfig:
-    "Code-mode preference training."
+    "Code-mode preference training and the limits of the runtime that runs generated programs."
     enabled: bool = _key(False, 'train the code-mode preference')
     weight: float = _key(0.1, 'final weight of CodeModePreferenceLoss', ge=0)
     warmup_steps: int = _key(100, 'steps over which the weight ramps up', ge=0)
     min_calls: int = _key(2, 'episodes with at least this many calls are eligible', ge=1)
     large_result_chars: int = _key(200, 'or with a tool result at least this long', ge=1)
+    max_steps: int = _key(10_000, 'interpreter steps (nodes evaluated) a generated program may take', ge=1)
+    max_seconds: float = _key(2.0, 'wall time a generated program may run', gt=0)
+    max_container_size: int = _key(100_000, 'size (elements + string characters) of any value a program builds', ge=1)
+    max_program_chars: int = _key(20_000, 'characters of the program text (longer programs are not parsed)', ge=1)
+    max_output_chars: int = _key(4_000, 'characters a program may print (longer error messages are cut)', ge=1)
 
 @dataclass(frozen=True)
 class TrainingConfig:

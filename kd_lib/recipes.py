@@ -95,7 +95,7 @@ def eval_options(cfg: Config) -> dict:
     "evaluate_model options the config's features need: latent slots in generation, running code-mode programs."
     options = {}
     if cfg.latent.enabled: options['latent_slots'] = cfg.latent.slots_per_step
-    if cfg.code_mode.enabled: options['resolve_result'] = resolve_code_mode_result
+    if cfg.code_mode.enabled: options['resolve_result'] = lambda reference, call: resolve_code_mode_result(reference, call, cfg.code_mode)
     return options
 
 HALTING_EVAL_KEYS = ('unneeded_tool_calls', 'answer_exact_match', 'mean_generated_tokens')  # reported again with the halt head deciding
