@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['UNITS', 'CURRENCIES', 'CUISINES', 'MODES', 'TOOLS', 'Tool', 'validate_arguments', 'run_tool', 'make_episode',
-           'iter_episodes', 'generate_episodes', 'write_jsonl', 'write_corpus']
+           'tool_schema', 'episode_to_chat', 'iter_episodes', 'generate_episodes', 'write_jsonl', 'write_corpus']
 
 # %% ../nbs/02_synth.ipynb #fc7c5df0
 import hashlib
@@ -428,25 +428,50 @@ def make_episode(rng: random.Random, # the generator's random state (advanced in
         meta['code_text'] = _code_text(calls, needed, fields)
     return {'prompt': prompt + '\n', 'teacher_text': _render(calls, answer, plan if plans else None), 'metadata': meta}
 
+# %% ../nbs/02_synth.ipynb #334d738a
+def tool_schema(name: str) -> dict:
+    "A tool's OpenAI-style function schema."
+    t = TOOLS[name]
+    return {'type': 'function', 'function': {'name': t.name, 'description': t.description, 'parameters': t.parameters}}
+
+def episode_to_chat(row: dict, # a KD-format episode from make_episode
+                   ) -> dict: # {'messages', 'tools', 'metadata'}
+    "The same episode as a chat-format row with OpenAI-style tool calls and tool results."
+    meta = row['metadata']
+    plan = meta.get('plan') or [None] * len(meta['calls'])
+    messages = [{'role': 'user', 'content': row['prompt'].rstrip('\n')}]
+    for i, (call, step) in enumerate(zip(meta['calls'], plan)):
+        function = {'name': call['name'], 'arguments': _dump(call['arguments'])}
+        messages += [{'role': 'assistant', 'content': f'Plan: {step}\n' if step else None,
+                      'tool_calls': [{'id': f'call_{i}', 'type': 'function', 'function': function}]},
+                     {'role': 'tool', 'tool_call_id': f'call_{i}', 'content': _dump(call['result'])}]
+    messages.append({'role': 'assistant', 'content': meta['answer']})
+    return {'messages': messages, 'tools': [tool_schema(n) for n in dict.fromkeys(c['name'] for c in meta['calls'])], 'metadata': meta}
+
 # %% ../nbs/02_synth.ipynb #8612de66
 def iter_episodes(n: int, # number of episodes
                   seed: int = 0, # generator seed
                   split: str = 'train', # 'train' or 'eval'
                   plans: bool = False, # add plan steps
                   code_mode: bool = False, # add code_text to multi-call episodes
-                 ): # yields KD-format rows one at a time (constant memory)
+                  fmt: str = 'tag', # 'tag' (prompt, teacher_text) or 'chat' (messages, tools)
+                 ): # yields rows one at a time (constant memory)
     "Yield `n` seeded episodes of one split."
+    if fmt not in ('tag', 'chat'): raise ValueError(f"fmt must be 'tag' or 'chat', got {fmt!r}")
     rng = random.Random(f'kd_lib-synth-{seed}-{split}')
-    for i in range(n): yield make_episode(rng, split, plans=plans, code_mode=code_mode, episode_id=f'{split}-{i:06d}')
+    for i in range(n):
+        row = make_episode(rng, split, plans=plans, code_mode=code_mode, episode_id=f'{split}-{i:06d}')
+        yield episode_to_chat(row) if fmt == 'chat' else row
 
 def generate_episodes(n: int, # number of episodes
                       seed: int = 0, # generator seed
                       split: str = 'train', # 'train' or 'eval'
                       plans: bool = False, # add plan steps
                       code_mode: bool = False, # add code_text to multi-call episodes
-                     ) -> list: # KD-format rows
+                      fmt: str = 'tag', # 'tag' or 'chat'
+                     ) -> list: # rows
     "Generate `n` seeded episodes of one split as a list."
-    return list(iter_episodes(n, seed, split, plans, code_mode))
+    return list(iter_episodes(n, seed, split, plans, code_mode, fmt))
 
 def write_jsonl(rows, # iterable of rows to write
                 path, # destination file
@@ -464,8 +489,9 @@ def write_corpus(out_dir, # folder for train.jsonl and eval.jsonl
                  seed: int = 0, # generator seed
                  plans: bool = False, # add plan steps
                  code_mode: bool = False, # add code_text to multi-call episodes
+                 fmt: str = 'tag', # 'tag' (prompt, teacher_text) or 'chat' (messages with tool calls, tools)
                 ) -> dict: # {'train': path, 'eval': path}
     "Write the embedded default corpus (train and held-out splits) as JSONL."
     out_dir = Path(out_dir)
-    return {split: write_jsonl(iter_episodes(n, seed, split, plans, code_mode), out_dir / f'{split}.jsonl')
+    return {split: write_jsonl(iter_episodes(n, seed, split, plans, code_mode, fmt), out_dir / f'{split}.jsonl')
             for split, n in (('train', n_train), ('eval', n_eval))}

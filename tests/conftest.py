@@ -1,7 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# token caches of the test session (and its CLI subprocesses) go to a temp folder, not ~/.cache/kd_lib
+if 'KD_LIB_CACHE' not in os.environ:
+    os.environ['KD_LIB_CACHE'] = tempfile.mkdtemp(prefix='kd_lib_cache-')
+    atexit.register(shutil.rmtree, os.environ['KD_LIB_CACHE'], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / '.venv' / 'bin'

@@ -1,11 +1,12 @@
 "The data side end to end: corpus -> tokenizer -> KDDataset -> sampler/DataLoader batches (-> teacher cache)."
 import json
+import stat
 
 import pytest
 import torch
 from torch import nn
 
-from kd_lib.dataset import KDDataset, LengthBucketBatchSampler, decode_mask
+from kd_lib.dataset import CHATML_TEMPLATE, ChatTemplate, KDDataset, LengthBucketBatchSampler, decode_mask, render_chat
 from kd_lib.extractors import extract_tool_calls
 from kd_lib.synth import run_tool, write_corpus
 from kd_lib.teacher_cache import TeacherCache, build_teacher_cache
@@ -103,3 +104,35 @@ def test_teacher_cache_reaches_the_batch(corpus, tmp_path):
     keep = batch['labels'] != -100
     top = logp.topk(4, -1)
     assert torch.allclose(batch['teacher_topk_logprobs'][keep], top.values[keep], atol=2e-2)
+
+
+def _chatml_tokenizer(texts):
+    "A tiny local Hugging Face tokenizer with ChatML special tokens and a ChatML chat template (no download)."
+    from transformers import PreTrainedTokenizerFast
+    bpe = build_tokenizer(texts, vocab_size=1024)
+    bpe.add_special_tokens(['<|im_start|>', '<|im_end|>'])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|im_end|>', pad_token='<|im_end|>', chat_template=CHATML_TEMPLATE)
+
+
+def test_chat_corpus_from_a_read_only_folder(corpus, tmp_path):
+    paths, _ = corpus
+    hf = _chatml_tokenizer([r['prompt'] + r['teacher_text'] for r in _rows(paths['train'])])
+    data = tmp_path / 'shared'
+    chat = write_corpus(data, n_train=40, n_eval=24, seed=7, plans=True, fmt='chat')
+    before = sorted(p.name for p in data.iterdir())
+    data.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try: ds = KDDataset(chat['eval'], hf, max_length=1024)
+    finally: data.chmod(stat.S_IRWXU)
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written next to the data
+    rows, template = _rows(chat['eval']), ChatTemplate(hf)
+    batches = list(torch.utils.data.DataLoader(ds, batch_sampler=LengthBucketBatchSampler(ds.lengths, 8, seed=0), collate_fn=ds.collate))
+    assert sorted(int(i) for b in batches for i in b['index']) == list(range(len(rows)))
+    for b in batches:
+        assert set(b) == CONTRACT_KEYS and (b['labels'][b['attention_mask'] == 0] == -100).all()
+        for j, i in enumerate(map(int, b['index'])):
+            row, calls = rows[i], rows[i]['metadata']['calls']
+            text = render_chat(template, row['messages'], row['tools'])
+            assert decode_mask(hf, b['input_ids'][j], b['labels'][j] != -100) == [text.text[s:e] for s, e in text.assistant]
+            assert decode_mask(hf, b['input_ids'][j], b['tool_name_mask'][j]) == [c['name'] for c in calls]
+            assert [json.loads(t) for t in decode_mask(hf, b['input_ids'][j], b['json_argument_mask'][j])] == [c['arguments'] for c in calls]
+            assert [json.loads(t) for t in decode_mask(hf, b['input_ids'][j], b['tool_result_mask'][j])] == [c['result'] for c in calls]

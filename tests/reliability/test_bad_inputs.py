@@ -121,13 +121,14 @@ def test_every_bad_input_gets_a_clear_error_before_training(tmp_path, data_dir, 
     assert not set(KNOWN_GAPS) - set(failures), f'fixed: remove {sorted(set(KNOWN_GAPS) - set(failures))} from KNOWN_GAPS'
 
 
-def test_damaged_token_cache_is_rebuilt(tmp_path, data_dir):
+def test_damaged_token_cache_is_rebuilt(tmp_path, data_dir, monkeypatch):
     "A token-cache file that does not load (offsets.npy cut short) is a stale cache: one warning naming it, rebuilt, the run trains."
     data = tmp_path / 'data'
-    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns('.kd_cache'))
+    shutil.copytree(data_dir, data)
+    monkeypatch.setenv('KD_LIB_CACHE', str(tmp_path / 'kd_lib_cache'))
     rc, _, err = run_cli_inprocess(train_args(tmp_path / 'first', data, 'training.steps=1'))
     assert rc == 0, err
-    offsets = next((data / '.kd_cache').glob('train-*/offsets.npy'))
+    offsets = next((tmp_path / 'kd_lib_cache/tokens').glob('train-*/offsets.npy'))
     offsets.write_bytes(offsets.read_bytes()[:100])
     with pytest.warns(UserWarning) as warned: rc, out, err = run_cli_inprocess(train_args(tmp_path / 'second', data, 'training.steps=1'))
     assert rc == 0 and 'finished at step 1' in out, err

@@ -76,7 +76,7 @@ def test_pickle_in_cache_files_is_refused(tmp_path, data_dir, record_property):
     from kd_lib.tokenizer import load_tokenizer
     marker = tmp_path / 'PWNED'
     data = tmp_path / 'data'
-    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns('.kd_cache'))
+    shutil.copytree(data_dir, data)
     ds = KDDataset(data / 'train.jsonl', load_tokenizer(data / 'tokenizer.json'), max_length=256)
     cache = tmp_path / 'cache'
     build_teacher_cache(lambda ids, mask: torch.randn(*ids.shape, 512), ds, cache, k=4, fingerprint='t', batch_size=32, progress=False)
@@ -88,12 +88,12 @@ def test_pickle_in_cache_files_is_refused(tmp_path, data_dir, record_property):
         outcomes[name] = _cache_run(tmp_path / name.replace('/', '_'), data, bad)
         assert outcomes[name][:2] == ('exit', 2) and f'{bad / name}: not a valid safetensors' in outcomes[name][2], outcomes[name]
         assert not checkpoint_steps(tmp_path / name.replace('/', '_') / 'run' / 'checkpoints', complete_only=False)
-    # the dataset's token cache (.npy next to the data): an object array is a pickle; it is refused (never
+    # the dataset's token cache (.npy files in the cache folder): an object array is a pickle; it is refused (never
     # unpickled), the cache counts as stale and is rebuilt, and the run trains
     np.save(ds.cache_path / 'offsets.npy', np.array([Payload(marker)], dtype=object), allow_pickle=True)
     with pytest.warns(UserWarning, match=r'offsets\.npy:0: <cache>: damaged token cache file .*; rebuilding the token cache'):
-        outcomes['.kd_cache/offsets.npy'] = _cache_run(tmp_path / 'tokens', data, cache)
-    assert outcomes['.kd_cache/offsets.npy'][:2] == ('exit', 0), outcomes['.kd_cache/offsets.npy']
+        outcomes['token_cache/offsets.npy'] = _cache_run(tmp_path / 'tokens', data, cache)
+    assert outcomes['token_cache/offsets.npy'][:2] == ('exit', 0), outcomes['token_cache/offsets.npy']
     assert np.load(ds.cache_path / 'offsets.npy', allow_pickle=False).dtype == np.int64  # the rebuilt cache
     assert not marker.exists(), 'a pickle payload ran'
     record_figures(record_property, 'untrusted_cache', {'payloads_refused': len(outcomes), 'payloads_run': 0,
