@@ -168,6 +168,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'kd_lib.dataset.teacher_spans': ('dataset.html#teacher_spans', 'kd_lib/dataset.py')},
             'kd_lib.device': { 'kd_lib.device.DeviceError': ('device.html#deviceerror', 'kd_lib/device.py'),
                                'kd_lib.device._available': ('device.html#_available', 'kd_lib/device.py'),
+                               'kd_lib.device._rank_device': ('device.html#_rank_device', 'kd_lib/device.py'),
                                'kd_lib.device.autocast_dtype': ('device.html#autocast_dtype', 'kd_lib/device.py'),
                                'kd_lib.device.get_training_device': ('device.html#get_training_device', 'kd_lib/device.py'),
                                'kd_lib.device.seed_everything': ('device.html#seed_everything', 'kd_lib/device.py'),

@@ -1,0 +1,33 @@
+"One GPU per rank under torchrun, on a mocked 2-GPU machine: the student's device and the teacher's are cuda:LOCAL_RANK."
+import pytest
+import torch
+
+from conftest import ROOT, TINY, tiny_data
+from kd_lib import recipes
+from kd_lib.config import load_config
+from kd_lib.train import DistInfo
+
+
+class TeacherPlaced(Exception): "Raised by the mocked loader once the recipe has picked the teacher's device."
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_rank_trains_and_holds_teacher_on_its_gpu(tmp_path, monkeypatch, rank):
+    for key, value in dict(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE='2', KD_LIB_DEVICE='').items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, 'set_device', current.append)
+    monkeypatch.setattr(recipes, 'init_distributed', lambda device: DistInfo(rank, 2, rank))
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda: None)
+    if rank == 1: recipes.prepare_data(load_config(ROOT / 'configs/student_cpu.yaml', overrides=[*TINY, *tiny_data(tmp_path / 'data')]))
+    placed = []
+    def load_teacher(teacher_cfg, device):
+        placed.append(device)
+        raise TeacherPlaced
+    monkeypatch.setattr(recipes, 'load_teacher', load_teacher)
+    over = [*TINY, *tiny_data(tmp_path / 'data'), 'training.device=', 'teacher.kind=checkpoint', f'teacher.path={tmp_path}/t']
+    cfg = load_config(ROOT / 'configs/student_cpu.yaml', ROOT / 'configs/kd_recipe.yaml', overrides=over)
+    with pytest.raises(TeacherPlaced): recipes.run_stage(cfg, tmp_path / 'run', evaluate=False)
+    assert placed == [torch.device('cuda', rank)] and current == [torch.device('cuda', rank)]
