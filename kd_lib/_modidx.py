@@ -62,6 +62,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'kd_lib.checkpoint.milestone_steps': ('checkpoint.html#milestone_steps', 'kd_lib/checkpoint.py'),
                                    'kd_lib.checkpoint.restore_rng_state': ('checkpoint.html#restore_rng_state', 'kd_lib/checkpoint.py')},
             'kd_lib.cli': { 'kd_lib.cli._pipeline': ('cli.html#_pipeline', 'kd_lib/cli.py'),
+                            'kd_lib.cli._plan': ('cli.html#_plan', 'kd_lib/cli.py'),
                             'kd_lib.cli._train': ('cli.html#_train', 'kd_lib/cli.py'),
                             'kd_lib.cli._user_error': ('cli.html#_user_error', 'kd_lib/cli.py'),
                             'kd_lib.cli.build_parser': ('cli.html#build_parser', 'kd_lib/cli.py'),

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE',
                     help='overrides applied to every stage (may be given several times)')
     add_eval_arguments(sub.add_parser('eval', help='evaluate model folders on the held-out split'))
+    pn = sub.add_parser('plan', help='per-GPU memory of training a config under DDP and FSDP (nothing allocated)')
+    pn.add_argument('--config', nargs='+', required=True, help='YAML files merged in order (later wins)')
+    pn.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE', help='dotted overrides')
+    pn.add_argument('--gpus', type=int, required=True, help='GPUs (ranks) in the job')
+    pn.add_argument('--gpu-memory-gb', type=float, default=80.0, help='memory of one GPU in GB (default 80)')
     return p
 
 def _train(args) -> int:
@@ -55,6 +60,11 @@ def _pipeline(args) -> int:
     except PipelineError as e: return _user_error(e)
     return 0
 
+def _plan(args) -> int:
+    from kd_lib.plan import memory_plan, plan_report
+    print(plan_report(memory_plan(load_config(*args.config, overrides=args.overrides), args.gpus), args.gpus, args.gpu_memory_gb))
+    return 0
+
 def _user_error(e: Exception) -> int:
     print(f'kd-lib: error: {e}', file=sys.stderr)
     return 2
@@ -66,6 +76,7 @@ def main(argv=None) -> int:
     try:
         if args.command == 'train': return _train(args)
         if args.command == 'pipeline': return _pipeline(args)
+        if args.command == 'plan': return _plan(args)
         eval_main(args)
         return 0
     except USER_ERRORS as e: return _user_error(e)
