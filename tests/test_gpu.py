@@ -1,4 +1,4 @@
-"One GPU per rank under torchrun, on a mocked 2-GPU machine: the student's device and the teacher's are cuda:LOCAL_RANK."
+"One GPU per rank under torchrun on a mocked 2-GPU machine (student and teacher on cuda:LOCAL_RANK); gpu_check.sh without CUDA."
 import pytest
 import torch
 
@@ -31,3 +31,11 @@ def test_rank_trains_and_holds_teacher_on_its_gpu(tmp_path, monkeypatch, rank):
     cfg = load_config(ROOT / 'configs/student_cpu.yaml', ROOT / 'configs/kd_recipe.yaml', overrides=over)
     with pytest.raises(TeacherPlaced): recipes.run_stage(cfg, tmp_path / 'run', evaluate=False)
     assert placed == [torch.device('cuda', rank)] and current == [torch.device('cuda', rank)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message of a machine without CUDA')
+def test_gpu_check_without_cuda_says_so(cli_env):
+    import subprocess, sys
+    proc = subprocess.run(['bash', str(ROOT / 'bench/gpu_check.sh')], env={**cli_env, 'PYTHON': sys.executable},
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and 'gpu_check.sh: no CUDA device' in proc.stderr, proc.stderr
