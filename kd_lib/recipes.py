@@ -21,7 +21,7 @@ from .code_mode import code_mode_batch, code_mode_eligible, resolve_code_mode_re
 from .config import Config, ConfigError, load_config
 from .dataset import KDDataset, LengthBucketBatchSampler
 from .evaluate import evaluate_model, load_eval_rows
-from .device import get_training_device, seed_everything, set_deterministic
+from .device import autocast_dtype, get_training_device, seed_everything, set_deterministic
 from .halt_targets import (check_rules, evaluate_with_calls, halt_loss, halt_metrics, halt_records, halting_effect,
                                  write_halt_records)
 from .latent import latent_batch, latent_forward, latent_stage
@@ -77,7 +77,8 @@ def teacher_signal(cfg: Config, device) -> tuple:
             raise ConfigError(f"distillation.temperature: {d.temperature} with a cached teacher needs distillation.topk_tail: renorm "
                               "(the cache knows the teacher's missing mass only at temperature 1)")
         return None, TeacherCache(cfg.teacher.path).manifest['fingerprint']
-    teacher = load_teacher(cfg.teacher, device)
+    amp = autocast_dtype(device, cfg.training.precision)  # a bf16 run holds its white-box teacher in bf16
+    teacher = load_teacher(cfg.teacher, device, None if amp == torch.float32 else amp)
     if teacher is None or not getattr(teacher, 'white_box', False):
         if cfg.distillation.kd_weight > 0:
             raise ConfigError(f"distillation.kd_weight: {cfg.distillation.kd_weight} needs teacher logits, but teacher.kind is {kind!r}; set it to 0 (CE on the teacher's text) or give a white-box teacher")
