@@ -7,6 +7,7 @@ as written without fusion: student logits = hidden @ W.T, teacher logits = teach
     .venv/bin/python bench/bench_losses.py --repeats 1     # fp32 and bf16, 1024/4096 tokens x 32k/128k vocab, hidden 512 (~25 min)
     .venv/bin/python bench/bench_losses.py --repeats 1 --hidden 256 512   # the same at two hidden sizes (~50 min)
     .venv/bin/python bench/bench_losses.py --tokens 256 --vocabs 8192 --repeats 1   # quick check
+    .venv/bin/python bench/bench_losses.py --device cuda --dtype bf16 --tokens 4096 --vocabs 131072   # on a GPU (bench/gpu_check.sh)
 
 What it measures, per row (dtype, hidden, vocab, tokens): the peak RSS (ru_maxrss) of each path's process, the
 headline; the peak above the RSS once torch, the inputs and the weights exist ("above setup"); the median time of
@@ -38,18 +39,21 @@ from kd_lib.losses import generalized_jsd
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16)
 
 
-def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chunk_size: int, threads: int, dtype: str) -> dict:
-    "One configuration in this process: median time of forward+backward and the peak RSS."
+def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chunk_size: int, threads: int, dtype: str,
+            device: str = 'cpu') -> dict:
+    "One configuration in this process: median time of forward+backward and the peak RSS (on CUDA: max_memory_allocated)."
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    dt = DTYPES[dtype]
-    h = torch.randn(tokens, hidden, dtype=dt, requires_grad=True)
-    w = torch.randn(vocab, hidden, dtype=dt).mul_(hidden ** -0.5).requires_grad_()  # in place: no transient [V, D] copy
-    teacher_h = torch.randn(tokens, hidden, dtype=dt)
-    teacher_w = torch.randn(vocab, hidden, dtype=dt).mul_(hidden ** -0.5)
-    labels = torch.randint(0, vocab, (tokens,))
-    labels[torch.rand(tokens) < 0.1] = -100
-    setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dt, cuda = DTYPES[dtype], device == 'cuda'
+    h = torch.randn(tokens, hidden, dtype=dt, device=device, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=dt, device=device).mul_(hidden ** -0.5).requires_grad_()  # in place: no transient [V, D] copy
+    teacher_h = torch.randn(tokens, hidden, dtype=dt, device=device)
+    teacher_w = torch.randn(vocab, hidden, dtype=dt, device=device).mul_(hidden ** -0.5)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    labels[torch.rand(tokens, device=device) < 0.1] = -100
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    def peak_mb(): return torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    setup_mb = torch.cuda.memory_allocated() / 2 ** 20 if cuda else peak_mb()
 
     def step():
         h.grad = w.grad = None
@@ -61,22 +65,21 @@ def run_one(method: str, tokens: int, vocab: int, hidden: int, repeats: int, chu
             loss, _ = fused_linear_kd_loss(h, w, labels, teacher_hidden=teacher_h, teacher_head_weight=teacher_w,
                                            beta=0.5, chunk_size=chunk_size)
         loss.backward()
-        return loss.item()
+        return loss.item()  # waits for the device
 
     times, loss = [], step()  # warm-up
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return dict(loss=loss, time_s=statistics.median(times), peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                setup_mb=setup_mb)
+    return dict(loss=loss, time_s=statistics.median(times), peak_mb=peak_mb(), setup_mb=setup_mb)
 
 
 def spawn(method: str, tokens: int, vocab: int, hidden: int, dtype: str, args) -> dict:
     "Run one configuration in a fresh interpreter under the memory limit."
     cmd = [sys.executable, __file__, '--worker', method, '--tokens', str(tokens), '--vocabs', str(vocab),
            '--hidden', str(hidden), '--dtype', dtype, '--repeats', str(args.repeats), '--chunk-size', str(args.chunk_size),
-           '--threads', str(args.threads), '--mem-limit-gb', str(args.mem_limit_gb)]
+           '--threads', str(args.threads), '--mem-limit-gb', str(args.mem_limit_gb), '--device', args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         oom = 'memory' in proc.stderr.lower() or proc.returncode < 0
@@ -100,17 +103,21 @@ def main():
     parser.add_argument('--chunk-size', type=int, default=0, help='fused tokens per chunk; 0: the library default (auto)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads of each run')
     parser.add_argument('--mem-limit-gb', type=float, default=12.0, help='address-space limit of each subprocess')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help='cuda: tensors on the GPU, peak = torch.cuda.max_memory_allocated (no address-space limit)')
     parser.add_argument('--worker', choices=['plain', 'fused'], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        limit = int(args.mem_limit_gb * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if args.device == 'cpu':  # CUDA reserves far more address space than it uses
+            limit = int(args.mem_limit_gb * 2 ** 30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(run_one(args.worker, args.tokens[0], args.vocabs[0], args.hidden[0], args.repeats, args.chunk_size,
-                                 args.threads, args.dtype[0])))
+                                 args.threads, args.dtype[0], args.device)))
         return
     chunk = f'{args.chunk_size} tokens' if args.chunk_size else f'auto (~{AUTO_CHUNK_LOGITS} logits)'
     print(f'generalized JSD beta=0.5, fused chunk {chunk}, median of {args.repeats} after a warm-up, '
           f'torch threads {args.threads}, limit {args.mem_limit_gb} GB per run, torch {torch.__version__}')
+    if args.device == 'cuda': print(f'device {torch.cuda.get_device_name()}: peak = torch.cuda.max_memory_allocated, not ru_maxrss')
     print('peak = ru_maxrss of the run; above setup = peak minus the RSS once the inputs and weights exist; '
           '<x: plain ran out of the limit, x = fused peak / limit bounds the ratio')
     print(f"{'dtype':>5} {'hidden':>6} {'vocab':>7} {'tokens':>6} | {'plain peak':>10} {'fused peak':>10} {'fused/plain':>11} | "

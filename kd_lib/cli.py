@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument('src', help='kd_lib model folder (e.g. RUN/final, or an int8 folder from the qat stage)')
     ex.add_argument('--to', choices=['hf'], required=True, help="'hf': a transformers LlamaForCausalLM folder")
     ex.add_argument('out', help='folder to write')
+    pn = sub.add_parser('plan', help='per-GPU memory of training a config under DDP and FSDP (nothing allocated)')
+    pn.add_argument('--config', nargs='+', required=True, help='YAML files merged in order (later wins)')
+    pn.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE', help='dotted overrides')
+    pn.add_argument('--gpus', type=int, required=True, help='GPUs (ranks) in the job')
+    pn.add_argument('--gpu-memory-gb', type=float, default=80.0, help='memory of one GPU in GB (default 80)')
     return p
 
 def _train(args) -> int:
@@ -68,6 +73,11 @@ def _export(args) -> int:
     except (FileNotFoundError, ValueError) as e: return _user_error(e)
     return 0
 
+def _plan(args) -> int:
+    from kd_lib.plan import memory_plan, plan_report
+    print(plan_report(memory_plan(load_config(*args.config, overrides=args.overrides), args.gpus), args.gpus, args.gpu_memory_gb))
+    return 0
+
 def _user_error(e: Exception) -> int:
     print(f'kd-lib: error: {e}', file=sys.stderr)
     return 2
@@ -80,6 +90,7 @@ def main(argv=None) -> int:
         if args.command == 'train': return _train(args)
         if args.command == 'pipeline': return _pipeline(args)
         if args.command == 'export': return _export(args)
+        if args.command == 'plan': return _plan(args)
         eval_main(args)
         return 0
     except USER_ERRORS as e: return _user_error(e)

@@ -21,9 +21,21 @@ def _available(kind: str) -> bool:
     if kind == 'mps': return bool(getattr(torch.backends, 'mps', None)) and torch.backends.mps.is_available()
     return kind == 'cpu'
 
+def _rank_device(dev: torch.device) -> torch.device:
+    "Under torchrun (WORLD_SIZE > 1) a CUDA device without an index becomes cuda:LOCAL_RANK; the CUDA device is made current."
+    if dev.type != 'cuda': return dev
+    if dev.index is None and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f'LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): '
+                              'start at most that many processes per node (torchrun --nproc-per-node)')
+        dev = torch.device('cuda', local_rank)
+    if dev.index is not None: torch.cuda.set_device(dev)
+    return dev
+
 def get_training_device(prefer: str | None = None, # 'cuda', 'cuda:1', 'mps' or 'cpu'; None: env KD_LIB_DEVICE, else the best available
                        ) -> torch.device: # the device to train on
-    "Return CUDA if available, else MPS, else CPU; `prefer` (or `KD_LIB_DEVICE`) forces one."
+    "Return CUDA (cuda:LOCAL_RANK under torchrun) if available, else MPS, else CPU; `prefer` (or `KD_LIB_DEVICE`) forces one."
     prefer = prefer or os.environ.get('KD_LIB_DEVICE') or None
     if prefer is not None:
         dev = torch.device(prefer)
@@ -31,9 +43,9 @@ def get_training_device(prefer: str | None = None, # 'cuda', 'cuda:1', 'mps' or 
         if not _available(dev.type): raise DeviceError(f"Device {prefer!r} was requested (prefer= or KD_LIB_DEVICE) but is not available on this machine")
         if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceError(f"Device {prefer!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
+        return _rank_device(dev)
     for kind in ('cuda', 'mps'):
-        if _available(kind): return torch.device(kind)
+        if _available(kind): return _rank_device(torch.device(kind))
     return torch.device('cpu')
 
 # %% ../nbs/00_device.ipynb #b0dadbec

@@ -243,29 +243,31 @@ class FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, norm, teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, opts):
-        flat_hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        kept_rows = kept_token_mask(targets, targets.numel()).nonzero().squeeze(1)
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        grad_hidden = torch.zeros(flat_hidden.shape, dtype=dtype, device=hidden.device)
-        if _is_blocked(weight, topk_ids, opts):  # no [V, D] copy of a bf16 head; its gradient written once, in its dtype
-            blocks = _vocab_blocks(weight.shape[0], kept_rows.numel(), opts.chunk_size)
-            width = blocks[0][1] - blocks[0][0]
-            grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
-            teacher = _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, dtype, width)
-            kd_sum, ce_sum, grad_rows = _jsd_blocked(flat_hidden[kept_rows].to(dtype), _head_blocks(weight, dtype, width),
-                                                     targets[kept_rows], teacher, blocks, opts, norm, grad_weight)
-            grad_hidden.index_copy_(0, kept_rows, grad_rows)
-        else:
-            teacher = (teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs)
-            kd_sum, ce_sum, grad_weight = _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts, grad_hidden,
-                                                        ctx.needs_input_grad[1])
-            if grad_weight is not None: grad_weight.div_(norm)
-        grad_hidden.div_(norm)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
-        kd_mean, ce_mean = kd_sum / norm, ce_sum / norm
-        ctx.mark_non_differentiable(kd_mean, ce_mean)
-        return opts.kd_weight * kd_mean + opts.ce_weight * ce_mean, kd_mean, ce_mean
+        # under autocast (bf16 on CUDA) the loss still picks its own dtypes: fp32 math, a bf16 head read in blocks
+        with torch.autocast(hidden.device.type, enabled=False):
+            flat_hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+            kept_rows = kept_token_mask(targets, targets.numel()).nonzero().squeeze(1)
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            grad_hidden = torch.zeros(flat_hidden.shape, dtype=dtype, device=hidden.device)
+            if _is_blocked(weight, topk_ids, opts):  # no [V, D] copy of a bf16 head; its gradient written once, in its dtype
+                blocks = _vocab_blocks(weight.shape[0], kept_rows.numel(), opts.chunk_size)
+                width = blocks[0][1] - blocks[0][0]
+                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+                teacher = _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, dtype, width)
+                kd_sum, ce_sum, grad_rows = _jsd_blocked(flat_hidden[kept_rows].to(dtype), _head_blocks(weight, dtype, width),
+                                                         targets[kept_rows], teacher, blocks, opts, norm, grad_weight)
+                grad_hidden.index_copy_(0, kept_rows, grad_rows)
+            else:
+                teacher = (teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs)
+                kd_sum, ce_sum, grad_weight = _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts, grad_hidden,
+                                                            ctx.needs_input_grad[1])
+                if grad_weight is not None: grad_weight.div_(norm)
+            grad_hidden.div_(norm)
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+            kd_mean, ce_mean = kd_sum / norm, ce_sum / norm
+            ctx.mark_non_differentiable(kd_mean, ce_mean)
+            return opts.kd_weight * kd_mean + opts.ce_weight * ce_mean, kd_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_total, grad_kd, grad_ce):

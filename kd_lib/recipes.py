@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .dataset import KDDataset, LengthBucketBatchSampler
-from .device import get_training_device, seed_everything, set_deterministic
+from .device import autocast_dtype, get_training_device, seed_everything, set_deterministic
 from .code_mode import resolve_code_mode_result
 from .evaluate import evaluate_model, load_eval_rows
 from .halt_targets import evaluate_with_calls, halt_metrics, halt_records, halting_effect, write_halt_records
@@ -70,7 +70,8 @@ def teacher_signal(cfg: Config, device) -> tuple:
     "(white-box teacher or None, teacher fingerprint) for the run's `teacher` section."
     if cfg.training.stage == 'teacher': return None, ''
     if cfg.teacher.kind == 'cache': return None, TeacherCache(cfg.teacher.path).manifest['fingerprint']
-    teacher = load_teacher(cfg.teacher, device)
+    amp = autocast_dtype(device, cfg.training.precision)  # a bf16 run holds its white-box teacher in bf16
+    teacher = load_teacher(cfg.teacher, device, None if amp == torch.float32 else amp)
     if teacher is None: return None, ''
     return (teacher if getattr(teacher, 'white_box', False) else None), teacher.fingerprint
 

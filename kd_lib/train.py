@@ -152,7 +152,8 @@ class Trainer:
         self.device = device or get_training_device(cfg.training.device or None)
         self.info = info or DistInfo()
         self.model, self.aux = model.to(self.device), aux.to(self.device) if aux is not None else None
-        self.ddp = DistributedDataParallel(self.model) if self.info.world_size > 1 else self.model
+        ranks_gpu = [self.device.index] if self.device.index is not None and self.device.type == 'cuda' else None
+        self.ddp = DistributedDataParallel(self.model, device_ids=ranks_gpu) if self.info.world_size > 1 else self.model
         params = list(self.model.named_parameters()) + (list(self.aux.named_parameters()) if self.aux is not None else [])
         self.params = [p for _, p in params if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(params, cfg.training)
