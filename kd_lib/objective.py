@@ -114,8 +114,10 @@ class KDObjective:
     def __init__(self, cfg: Config, # the run's config
                  teacher=None, # white-box teacher (kd_lib.teachers) or None
                  tokenizer=None, # the training tokenizer (token ids of the terms, code-mode renderings)
+                 student=None, # the student (its sizes shape the projector); None: `cfg.model`
                 ):
         self.cfg, self.teacher, self.tokenizer = cfg, teacher, tokenizer
+        self.student_cfg = cfg.model if student is None else student.cfg
         self.options = KDOptions.from_config(cfg.distillation)
         self.terms = {name: t for name, t in TERMS.items()
                       if config_value(cfg, t.weight_key) > 0 and (not t.enabled_key or config_value(cfg, t.enabled_key))}
@@ -133,7 +135,7 @@ class KDObjective:
         except ValueError as e: raise ConfigError(f'process.caws_policy: {e}') from None
 
     def _projector(self) -> nn.Module:
-        s, t = self.cfg.model, self.teacher.model.cfg
+        s, t = self.student_cfg, self.teacher.model.cfg
         return IntermediateProjector(s.d_model, t.d_model, s.n_layers, t.n_layers, self.cfg.distillation.layer_map or None)
 
     def __repr__(self):
