@@ -36,5 +36,6 @@ proc: setup
 qat: setup
 	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/quant_qat_int8.yaml --run-dir $(STAGE_DIR)/qat --set $(DATA) $(ARGS)
 
+# Jupyter refuses to run as root without --allow-root
 lab: setup
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -6,7 +6,7 @@
 __all__ = ['WHITE_BOX_TEACHERS', 'LOGIT_TEACHERS', 'ConfigError', 'ModelConfig', 'StudentConfig', 'TeacherConfig', 'DataConfig',
            'DistillationConfig', 'ProcessConfig', 'HaltingConfig', 'LatentConfig', 'CodeModeConfig', 'TrainingConfig',
            'CheckpointConfig', 'TracingConfig', 'QATConfig', 'cross_section_errors', 'Config', 'config_from_dict',
-           'load_config', 'config_reference']
+           'load_config', 'config_reference', 'as_list_param', 'project_root', 'check_stage_inputs']
 
 # %% ../nbs/01_config.ipynb #7a966244
 import dataclasses
@@ -396,3 +396,34 @@ def config_reference() -> str:
             default = getattr(sec.default_factory(), f.name)
             rows.append(f"| `{sec.name}.{f.name}` | `{default!r}` | {f.metadata['doc']} |")
     return '\n'.join(rows)
+
+# %% ../nbs/01_config.ipynb #8fed0228
+def as_list_param(value, # a list or tuple, None, or a string: a YAML/JSON list ('["a=1", "b=2"]') or one item ('a=1')
+                 ) -> list: # the items, as strings
+    "A list-valued notebook parameter given as a list or as papermill's `-p` string."
+    if value is None: return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith('['): return [text] if text else []
+        try: value = yaml.safe_load(text)
+        except yaml.YAMLError as e: raise ConfigError(f'cannot read {text!r} as a list: {e}'.splitlines()[0]) from None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f'expected a list or a string, got {type(value).__name__}: {value!r}')
+    return [str(v) for v in value]
+
+# %% ../nbs/01_config.ipynb #be5b0af9
+def project_root(start=None, # where to start looking (default: the current directory)
+                ) -> Path: # the nearest folder at or above `start` holding pyproject.toml and nbs/ (else `start`)
+    "The project root: paths in configs are relative to it."
+    start = Path.cwd() if start is None else Path(start).resolve()
+    return next((p for p in (start, *start.parents) if (p/'pyproject.toml').is_file() and (p/'nbs').is_dir()), start)
+
+# %% ../nbs/01_config.ipynb #48985279
+def check_stage_inputs(cfg: Config) -> Config:
+    "Raise a one-line `ConfigError` naming the key when the teacher (or QAT student) folder `cfg` reads from is missing."
+    needed = [('teacher.path', cfg.teacher.path)] if cfg.teacher.kind in ('checkpoint', 'hf', 'cache') else []
+    if cfg.training.stage == 'qat' and cfg.qat.student_path: needed.append(('qat.student_path', cfg.qat.student_path))
+    for key, path in needed:
+        if not path or not Path(path).exists():
+            raise ConfigError(f'{key}: folder {path!r} does not exist: run `make pipeline` first (or set {key}=...)')
+    return cfg

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig, config_from_dict
 from .models import StudentLM, arch_fingerprint, mlp_hidden_size
 from .qat import load_int8, read_quantization
-from .tokenizer import BOS, EOS, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, load_tokenizer
+from .tokenizer import BOS, EOS, PAD, load_tokenizer
 
 # %% ../nbs/13_export.ipynb #382bcee6
 def llama_config(cfg: ModelConfig, # the student's architecture

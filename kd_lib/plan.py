@@ -7,9 +7,8 @@ __all__ = ['GB', 'meta_student', 'teacher_parameters', 'activation_bytes_per_tok
            'memory_plan', 'plan_report']
 
 # %% ../nbs/42_plan.ipynb #21f20e87
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
