@@ -23,7 +23,7 @@ def _overrides(folder, *extra) -> list:
 def teacher(tmp_path_factory):
     "A tiny teacher (fp32) and its top-k cache; the students start from another seed so the divergence is not ~0."
     tmp = tmp_path_factory.mktemp('precision')
-    over = _overrides(tmp, 'training.stage=teacher', 'teacher.kind=none', 'training.steps=6',
+    over = _overrides(tmp, 'training.stage=teacher', 'teacher.kind=none', 'distillation.kd_weight=0', 'training.steps=6',
                      'training.lr=0.03')
     assert run_stage(load_config(*CONFIGS, overrides=over), tmp / 'teacher', evaluate=False).status == 'finished'
     build_cache_stage({'config_paths': [str(p) for p in CONFIGS], 'overrides': over}, tmp / 'teacher/final', tmp / 'cache')
@@ -34,7 +34,7 @@ def _live(t): return ['teacher.kind=checkpoint', f'teacher.path={t}/teacher/fina
 def _cache(t): return ['teacher.kind=cache', f'teacher.path={t}/cache', 'training.seed=1']
 
 STAGES = {
-    'teacher': lambda t: ['training.stage=teacher', 'teacher.kind=none'],
+    'teacher': lambda t: ['training.stage=teacher', 'teacher.kind=none', 'distillation.kd_weight=0'],
     'kd_fused_forward_kl': lambda t: ['training.stage=kd', *_live(t)],
     'kd_fused_jsd': lambda t: ['training.stage=kd', *_live(t), 'distillation.divergence=jsd'],
     'kd_plain': lambda t: ['training.stage=kd', *_live(t), 'distillation.fused=false'],

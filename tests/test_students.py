@@ -64,7 +64,7 @@ def test_hf_student_trains_and_resumes_exactly(setup):
 
 def test_pruned_hf_teacher_distils_through_run_stage(setup):
     tmp, data, hf = setup
-    cfg = Config().override(*TINY, *data, 'teacher.kind=hf', f'teacher.path={hf}', 'student.init=prune_teacher',
+    cfg = Config().override(*TINY, *data, 'teacher.kind=hf', f'teacher.path={hf}', 'distillation.kd_weight=1', 'student.init=prune_teacher',
                             'student.prune_n_layers=2', 'student.prune_mlp_hidden=32', 'student.calibration_batches=2')
     assert run_stage(cfg, tmp / 'pruned', evaluate=False).status == 'finished'
     report = json.loads((tmp / 'pruned' / 'prune_report.json').read_text())
