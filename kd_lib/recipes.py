@@ -31,7 +31,7 @@ from .process_losses import (CodeModePreferenceLoss, IntermediateProjector, inte
                                    integration_copy_loss, self_eval_targets, self_evaluation_loss, tool_name_loss)
 from .synth import write_corpus
 from .teacher_cache import TeacherCache, build_teacher_cache
-from .teachers import CheckpointTeacher, load_teacher
+from .teachers import check_teacher_tokenizer, load_teacher, stage_tokenizer
 from .tokenizer import TOOL_RESULT_END, build_tokenizer, load_tokenizer, save_tokenizer
 from .train import BatchStream, DistInfo, Trainer, TrainResult, init_distributed
 from .tracing import read_metrics
@@ -213,15 +213,15 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     if cfg.training.deterministic: set_deterministic(True)
     if info.is_main: prepare_data(cfg)
     if info.world_size > 1: torch.distributed.barrier()  # the other ranks wait for the corpus and tokenizer
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    teacher, teacher_fp = (None, '') if cfg.training.stage == 'teacher' else teacher_signal(cfg, device)
+    tokenizer, cfg = stage_tokenizer(cfg, teacher)
+    if teacher is not None: check_teacher_tokenizer(cfg, teacher, tokenizer, run_dir)
     dataset, sampler = load_train_data(cfg, tokenizer, info)
     model = build_student(cfg, tokenizer)
-    teacher, teacher_fp = (None, '') if cfg.training.stage == 'teacher' else teacher_signal(cfg, device)
     projector = None
     if cfg.distillation.intermediate_weight > 0:
         if teacher is None: raise ConfigError('distillation.intermediate_weight: needs a white-box teacher (teacher.kind checkpoint or hf)')
-        t_cfg = teacher.model.cfg
-        projector = IntermediateProjector(cfg.model.d_model, t_cfg.d_model, cfg.model.n_layers, t_cfg.n_layers, cfg.distillation.layer_map or None)
+        projector = IntermediateProjector(cfg.model.d_model, teacher.d_model, cfg.model.n_layers, teacher.n_layers, cfg.distillation.layer_map or None)
     loss_fn = make_loss_fn(cfg, teacher, projector, tokenizer.token_to_id(TOOL_RESULT_END), tokenizer)
     stream = BatchStream(dataset, sampler, dataset.collate, info)
     eval_fn = make_eval_fn(cfg, tokenizer) if evaluate else None
@@ -251,14 +251,16 @@ def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
     return prepare_data(load_config(*stage['config_paths'], overrides=stage['overrides']))
 
 def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]} of the teacher
-                      teacher_folder, # the trained teacher (kd_lib model folder)
+                      teacher_folder, # the teacher: a kd_lib model folder, or a Hugging Face one when teacher.kind is hf
                       out_dir, # cache folder
                      ) -> dict: # the cache report (bytes/token, coverage)
     "Run the teacher once over the training set and cache its top-k (teacher.topk) log-probs."
     cfg = load_config(*stage['config_paths'], overrides=stage['overrides'])
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    kind = 'hf' if cfg.teacher.kind == 'hf' else 'checkpoint'
+    teacher = load_teacher(cfg.override(f'teacher.kind={kind}', f'teacher.path={teacher_folder}').teacher, get_training_device(cfg.training.device or None))
+    tokenizer, cfg = stage_tokenizer(cfg, teacher)
+    check_teacher_tokenizer(cfg, teacher, tokenizer, out_dir)
     dataset = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row)
-    teacher = CheckpointTeacher(teacher_folder, get_training_device(cfg.training.device or None))
     cache = build_teacher_cache(teacher.logits, dataset, out_dir, k=cfg.teacher.topk, fingerprint=teacher.fingerprint,
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
