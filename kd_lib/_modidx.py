@@ -627,6 +627,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'kd_lib.teachers.Teacher.logits': ('teachers.html#teacher.logits', 'kd_lib/teachers.py'),
                                  'kd_lib.teachers.TextTeacher': ('teachers.html#textteacher', 'kd_lib/teachers.py'),
                                  'kd_lib.teachers.TextTeacher.__init__': ('teachers.html#textteacher.__init__', 'kd_lib/teachers.py'),
+                                 'kd_lib.teachers._cache_tokenizer': ('teachers.html#_cache_tokenizer', 'kd_lib/teachers.py'),
                                  'kd_lib.teachers._to': ('teachers.html#_to', 'kd_lib/teachers.py'),
                                  'kd_lib.teachers.check_teacher_tokenizer': ('teachers.html#check_teacher_tokenizer', 'kd_lib/teachers.py'),
                                  'kd_lib.teachers.files_fingerprint': ('teachers.html#files_fingerprint', 'kd_lib/teachers.py'),

@@ -260,6 +260,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
     teacher = load_teacher(cfg.override(f'teacher.kind={kind}', f'teacher.path={teacher_folder}').teacher, get_training_device(cfg.training.device or None))
     tokenizer, cfg = stage_tokenizer(cfg, teacher)
     check_teacher_tokenizer(cfg, teacher, tokenizer, out_dir)
+    save_tokenizer(tokenizer, Path(out_dir) / 'tokenizer.json')  # a later stage with student.tokenizer: teacher reads it
     dataset = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row)
     cache = build_teacher_cache(teacher.logits, dataset, out_dir, k=cfg.teacher.topk, fingerprint=teacher.fingerprint,
                                 batch_size=32, progress=cfg.tracing.progress)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, TeacherConfig
 from .models import StudentLM, positions_from_mask
+from .teacher_cache import TeacherCache
 from .tokenizer import SPECIAL_TOKENS, add_special_tokens_and_resize, backend_tokenizer, load_tokenizer, tokenizer_compatibility
 
 # %% ../nbs/11_teachers.ipynb #f530ad21
@@ -205,12 +206,19 @@ def stage_tokenizer(cfg: Config, # the run's config
                    ) -> tuple: # (tokenizers.Tokenizer, the config with model.vocab_size matching it)
     "The run's tokenizer: kd_lib's (data.tokenizer_path) or the hf teacher's with kd_lib's tags added to it and to the teacher."
     if cfg.student.tokenizer == 'kd_lib': return load_tokenizer(cfg.data.tokenizer_path), cfg
+    if cfg.teacher.kind == 'cache': return _cache_tokenizer(cfg)
     if not isinstance(teacher, HFTeacher):
         raise ConfigError(f"student.tokenizer: 'teacher' needs teacher.kind: hf (got {cfg.teacher.kind!r}, stage {cfg.training.stage!r})")
     tokenizer = teacher.tokenizer
     add_special_tokens_and_resize(tokenizer, teacher.model, SPECIAL_TOKENS, init='mean')
     teacher.vocab_size = teacher.model.get_output_embeddings().weight.shape[0]
     return tokenizer, cfg.override(f'model.vocab_size={teacher.vocab_size}')
+
+def _cache_tokenizer(cfg: Config) -> tuple:
+    "The hf teacher's tokenizer that the cache stage saved next to the top-k, and the cache's vocabulary size."
+    file = Path(cfg.teacher.path) / 'tokenizer.json'
+    if not file.is_file(): raise ConfigError(f"student.tokenizer: 'teacher' with teacher.kind: cache needs {file} (build_cache_stage writes it)")
+    return load_tokenizer(file), cfg.override(f"model.vocab_size={TeacherCache(cfg.teacher.path).manifest['vocab_size']}")
 
 # %% ../nbs/11_teachers.ipynb #b2e4d6f5
 def check_teacher_tokenizer(cfg: Config, # the run's config (model.vocab_size is the student's rows)

@@ -171,7 +171,7 @@ def test_hf_teacher_hidden_head_equals_logits(tmp_path):
 
 
 def test_hf_teacher_cache_stage(tmp_path):
-    "The top-k cache stage runs an hf teacher (on its own tokenizer) and matches its logits."
+    "The top-k cache stage runs an hf teacher (on its own tokenizer); a KD stage then distils from that cache."
     cfg = _hf_cfg(tmp_path, 'student.tokenizer=teacher')
     stage = {'config_paths': [], 'overrides': [*TINY, *tiny_data(tmp_path / 'data'), 'teacher.kind=hf', 'student.tokenizer=teacher']}
     report = build_cache_stage(stage, tmp_path / 'hf', tmp_path / 'cache')
@@ -181,3 +181,8 @@ def test_hf_teacher_cache_stage(tmp_path):
     teacher = load_teacher(cfg.teacher)
     tokenizer, _ = stage_tokenizer(cfg, teacher)
     assert manifest['vocab_size'] == teacher.vocab_size and manifest['tokenizer_hash'] == tokenizer_hash(tokenizer)
+    # a KD stage distils from that cache, on the tokenizer the cache stage saved
+    from_cache = cfg.override('teacher.kind=cache', f'teacher.path={tmp_path / "cache"}', 'training.steps=2')
+    assert run_stage(from_cache, tmp_path / 'kd_cache', evaluate=False).status == 'finished'
+    assert all(r['kd'] > 0 for r in read_metrics(tmp_path / 'kd_cache', split='train'))
+    assert json.loads((tmp_path / 'kd_cache' / 'final' / 'config.json').read_text())['model']['vocab_size'] == teacher.vocab_size
