@@ -186,3 +186,17 @@ def test_hf_teacher_cache_stage(tmp_path):
     assert run_stage(from_cache, tmp_path / 'kd_cache', evaluate=False).status == 'finished'
     assert all(r['kd'] > 0 for r in read_metrics(tmp_path / 'kd_cache', split='train'))
     assert json.loads((tmp_path / 'kd_cache' / 'final' / 'config.json').read_text())['model']['vocab_size'] == teacher.vocab_size
+
+
+def test_checkpoint_teacher_intermediate_matching(tmp_path):
+    "Intermediate-layer matching sizes its projector from the teacher's d_model / n_layers (a kd_lib checkpoint teacher)."
+    from kd_lib.config import ModelConfig
+    from kd_lib.recipes import save_final
+    cfg = load_config(overrides=[*TINY, *tiny_data(tmp_path / 'data'), 'training.stage=kd', 'distillation.intermediate_weight=0.5',
+                                 'training.steps=2', 'teacher.kind=checkpoint', f'teacher.path={tmp_path / "teacher"}'])
+    prepare_data(cfg)
+    teacher = StudentLM(ModelConfig(vocab_size=512, d_model=48, n_layers=3, n_heads=2, n_kv_heads=1, max_seq_len=256))
+    save_final(teacher, load_tokenizer(cfg.data.tokenizer_path), tmp_path / 'teacher')
+    assert run_stage(cfg, tmp_path / 'kd', evaluate=False).status == 'finished'
+    assert all(r['intermediate'] > 0 for r in read_metrics(tmp_path / 'kd', split='train'))
+    assert json.loads((tmp_path / 'kd' / 'tokenizer_compatibility.json').read_text())['id_overlap'] == 1.0
