@@ -7,7 +7,6 @@ __all__ = ['files_fingerprint', 'Teacher', 'CheckpointTeacher', 'HFTeacher', 'Ca
            'stage_tokenizer', 'check_teacher_tokenizer']
 
 # %% ../nbs/11_teachers.ipynb #8f7a33c4
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
