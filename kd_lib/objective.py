@@ -135,7 +135,7 @@ class KDObjective:
         except ValueError as e: raise ConfigError(f'process.caws_policy: {e}') from None
 
     def _projector(self) -> nn.Module:
-        s, t = self.student_cfg, self.teacher.model.cfg
+        s, t = self.student_cfg, self.teacher
         return IntermediateProjector(s.d_model, t.d_model, s.n_layers, t.n_layers, self.cfg.distillation.layer_map or None)
 
     def __repr__(self):

@@ -29,7 +29,7 @@ from .qat import (calibrate, convert_to_int8, generation_speed, load_int8, max_l
 from .students import build_student, student_fingerprint
 from .synth import write_corpus
 from .teacher_cache import TeacherCache, build_teacher_cache
-from .teachers import CheckpointTeacher, load_teacher
+from .teachers import check_teacher_tokenizer, load_teacher, stage_tokenizer
 from .tokenizer import BOS, backend_tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from .train import BatchStream, DistInfo, Trainer, TrainResult, init_distributed
 from .tracing import read_metrics
@@ -66,7 +66,8 @@ def teacher_signal(cfg: Config, device) -> tuple:
     if cfg.training.stage == 'teacher': return None, ''
     if cfg.teacher.kind == 'cache': return None, TeacherCache(cfg.teacher.path).manifest['fingerprint']
     amp = autocast_dtype(device, cfg.training.precision)  # a bf16 run holds its white-box teacher in bf16
-    teacher = load_teacher(cfg.teacher, device, None if amp == torch.float32 else amp)
+    with torch.random.fork_rng(devices=[]):  # loading draws no random numbers: the student's init is the same with or without a teacher
+        teacher = load_teacher(cfg.teacher, device, None if amp == torch.float32 else amp)
     if teacher is None: return None, ''
     return (teacher if getattr(teacher, 'white_box', False) else None), teacher.fingerprint
 
@@ -128,11 +129,12 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     if cfg.training.deterministic: set_deterministic(True)
     if info.is_main: prepare_data(cfg)
     if info.world_size > 1: torch.distributed.barrier()  # the other ranks wait for the corpus and tokenizer
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    teacher, teacher_fp = teacher_signal(cfg, device)
+    tokenizer, cfg = stage_tokenizer(cfg, teacher)
+    if teacher is not None: check_teacher_tokenizer(cfg, teacher, tokenizer, run_dir)
     dataset, sampler = load_train_data(cfg, tokenizer, info)
     qat = cfg.training.stage == 'qat'
-    model = load_qat_student(cfg, tokenizer, device) if qat else build_student(cfg, tokenizer, run_dir=run_dir)
-    teacher, teacher_fp = teacher_signal(cfg, device)
+    model = load_qat_student(cfg, tokenizer, device) if qat else build_student(cfg, tokenizer, teacher, run_dir)
     objective = KDObjective(cfg, teacher, tokenizer, student=model)
     trainer = Trainer(cfg, run_dir, model, BatchStream(dataset, sampler, dataset.collate, info), objective, aux=objective.projector,
                       eval_fn=make_eval_fn(cfg, tokenizer) if evaluate else None, device=device, info=info,
@@ -169,14 +171,17 @@ def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
     return prepare_data(load_config(*stage['config_paths'], overrides=stage['overrides']))
 
 def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]} of the teacher
-                      teacher_folder, # the trained teacher (kd_lib model folder)
+                      teacher_folder, # the teacher: a kd_lib model folder, or a Hugging Face one when teacher.kind is hf
                       out_dir, # cache folder
                      ) -> dict: # the cache report (bytes/token, coverage)
     "Run the teacher once over the training set and cache its top-k (teacher.topk) log-probs."
     cfg = load_config(*stage['config_paths'], overrides=stage['overrides'])
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    kind = 'hf' if cfg.teacher.kind == 'hf' else 'checkpoint'
+    teacher = load_teacher(cfg.override(f'teacher.kind={kind}', f'teacher.path={teacher_folder}').teacher, get_training_device(cfg.training.device or None))
+    tokenizer, cfg = stage_tokenizer(cfg, teacher)
+    check_teacher_tokenizer(cfg, teacher, tokenizer, out_dir)
+    save_tokenizer(tokenizer, Path(out_dir) / 'tokenizer.json')  # a later stage with student.tokenizer: teacher reads it
     dataset = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row)
-    teacher = CheckpointTeacher(teacher_folder, get_training_device(cfg.training.device or None))
     cache = build_teacher_cache(teacher.logits, dataset, out_dir, k=cfg.teacher.topk, fingerprint=teacher.fingerprint,
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
