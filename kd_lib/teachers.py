@@ -132,8 +132,9 @@ class HFTeacher(Teacher):
 
     @property
     def tokenizer(self):
-        "The teacher's own tokenizer (a `tokenizers.Tokenizer`), loaded from its folder or GGUF file on first use."
-        if self._tokenizer is None:
+        "The teacher's own tokenizer (a `tokenizers.Tokenizer`), loaded from its folder or GGUF file on first use; None without one."
+        has_files = self.gguf_file or any((Path(self.folder)/f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json'))
+        if self._tokenizer is None and has_files:
             from transformers import AutoTokenizer
             source = dict(gguf_file=self.gguf_file) if self.gguf_file else {}
             self._tokenizer = backend_tokenizer(AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True, **source))

@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, TINY, tiny_data
 from kd_lib.config import ConfigError, load_config
-from kd_lib.losses import combined_kd_loss
+from kd_lib.fused import kd_ce_loss
+from kd_lib.losses import KDOptions
 from kd_lib.models import StudentLM
 from kd_lib.recipes import build_cache_stage, prepare_data, run_stage
 from kd_lib.teachers import load_teacher, stage_tokenizer
@@ -100,10 +101,10 @@ def _hf_teacher(folder, data, vocab_size=400):
 
 def _hf_cfg(tmp_path, *overrides):
     data = tmp_path / 'data'
-    cfg = load_config(overrides=[*TINY, *tiny_data(data), 'training.stage=kd', 'distillation.kd_weight=1.0'])
+    cfg = load_config(overrides=[*TINY, *tiny_data(data), 'training.stage=kd'])
     prepare_data(cfg)
     if not (tmp_path / 'hf').exists(): _hf_teacher(tmp_path / 'hf', data)
-    return cfg.override('teacher.kind=hf', f'teacher.path={tmp_path / "hf"}', *overrides)
+    return cfg.override('teacher.kind=hf', f'teacher.path={tmp_path / "hf"}', 'distillation.kd_weight=1.0', *overrides)
 
 
 class _VocabTensors(TorchDispatchMode):
@@ -163,10 +164,10 @@ def test_hf_teacher_hidden_head_equals_logits(tmp_path):
     s_hidden, s_weight = torch.randn(*ids.shape, 16), torch.randn(teacher.vocab_size, 16) * 0.1
     t_hidden, t_weight = teacher.head_inputs(ids, mask)
     for divergence in ('forward_kl', 'jsd'):
-        fused, parts = combined_kd_loss(labels, student_hidden=s_hidden, student_head_weight=s_weight, teacher_hidden=t_hidden,
-                                        teacher_head_weight=t_weight, divergence=divergence, ce_weight=0.5, fused=True)
-        plain, plain_parts = combined_kd_loss(labels, student_logits=s_hidden @ s_weight.T, teacher_logits=teacher.logits(ids, mask),
-                                              divergence=divergence, ce_weight=0.5)
+        opts = KDOptions(divergence=divergence, ce_weight=0.5)
+        fused, parts = kd_ce_loss(labels, student_hidden=s_hidden, student_head_weight=s_weight, teacher_hidden=t_hidden,
+                                  teacher_head_weight=t_weight, opts=opts)
+        plain, plain_parts = kd_ce_loss(labels, student_logits=s_hidden @ s_weight.T, teacher_logits=teacher.logits(ids, mask), opts=opts)
         assert torch.allclose(fused, plain, atol=1e-5) and torch.allclose(parts['kd'], plain_parts['kd'], atol=1e-5), divergence
 
 
