@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .dataset import DataError, collate_kd_batch, encode_row, labels_and_masks, parse_row
 from .extractors import answer_span, extract_tool_calls, integration_spans
 from .losses import IGNORE_INDEX, forward_kl
+from .report import fmt_number, markdown_table
 from .synth import run_tool
 from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer
 
@@ -350,19 +351,15 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
 # %% ../nbs/50_evaluate.ipynb #54c49f2b
 TABLE_KEYS = ('episodes', *METRICS, 'mean_generated_tokens', 'tokens_per_second', 'perplexity', *KL_SPANS)  # table rows, in order
 
-def _cell(key: str, value) -> str:
-    if value is None: return '-'
-    if isinstance(value, int): return str(value)
-    return f'{value:.3f}' if key in METRICS or key.startswith('kl_') else f'{value:.1f}'
+def _digits(key: str) -> int: return 3 if key in METRICS or key.startswith('kl_') else 1  # rates and KLs: 3 decimals
 
 def metrics_table(results: dict # model name -> summary from evaluate_model
                  ) -> str: # a markdown table: one row per metric, one column per model
     "Markdown table comparing models on every metric any of them has."
     names = list(results)
     keys = [k for k in TABLE_KEYS if any(k in r for r in results.values())]
-    lines = ['| metric | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-    lines += [f'| {k} | ' + ' | '.join(_cell(k, results[n].get(k)) for n in names) + ' |' for k in keys]
-    return '\n'.join(lines)
+    rows = [[k, *(fmt_number(results[n].get(k), _digits(k)) for n in names)] for k in keys]
+    return markdown_table(['metric', *names], rows, align='l' + 'r' * len(names))
 
 def plot_metrics(results: dict, # model name -> summary
                  metrics=METRICS, # rates to draw as grouped bars
