@@ -46,7 +46,8 @@ def _run_notebook(stage: Stage, run_dir: Path) -> dict:
     src = Path(stage.notebook) if Path(stage.notebook).is_absolute() else NBS_DIR/stage.notebook
     out = run_dir/'notebooks'/f'{stage.name}.ipynb'
     out.parent.mkdir(parents=True, exist_ok=True)
-    try: pm.execute_notebook(str(src), str(out), parameters=stage.parameters, cwd=str(src.parent), progress_bar=False, log_output=False)
+    try: pm.execute_notebook(str(src), str(out), parameters=stage.parameters, cwd=str(src.parent), progress_bar=False,
+                             log_output=False)
     except pm.PapermillExecutionError as e:
         raise PipelineError(stage.name, f'{e.ename}: {e.evalue}', out) from None
     return {'notebook': str(out)}
@@ -84,7 +85,8 @@ STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillatio
 RESULT_METRICS = ['tool_name_accuracy', 'json_validity', 'argument_exact_match', 'integration_accuracy',
                   'no_tool_precision', 'mean_generated_tokens']
 
-TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64', 'training.ema_decay=0']  # per student; pipeline overrides still win
+# per token-reduction student; pipeline overrides still win
+TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64', 'training.ema_decay=0']
 
 def _data_overrides(run_dir: Path) -> list:
     d = run_dir/'data'
@@ -120,7 +122,8 @@ def default_stages(run_dir, # pipeline folder
     qat = _stage_config(run_dir, ['student_cpu.yaml', 'quant_qat_int8.yaml'],
                         [f'qat.student_path={run_dir}/kd/final', f'teacher.path={run_dir}/kd/final', *overrides])
     stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 128}))
-    token_cfg = _stage_config(run_dir, ['student_cpu.yaml'], [*TOKEN_REDUCTION_BUDGET, *overrides])  # the students' own corpora override data.*
+    # the students' own corpora override data.*
+    token_cfg = _stage_config(run_dir, ['student_cpu.yaml'], [*TOKEN_REDUCTION_BUDGET, *overrides])
     stages.append(Stage('token_reduction', fn=lambda d: token_reduction_stage(token_cfg, d/'token_reduction')))
     stages.append(Stage('report', fn=lambda d: {'results': str(write_results(d))}))
     return stages
@@ -143,9 +146,10 @@ def write_results(run_dir) -> Path:
     target = final.get('ce', {}).get('tool_name_accuracy')
     reach = {name: steps_to_reach(hist[name], 'tool_name_accuracy', target) if target is not None and name != 'teacher' else None
              for name in final}
-    rows = [[name, *(fmt_number(f.get(k)) for k in ('step', 'episodes', *RESULT_METRICS)), fmt_number(reach[name])] for name, f in final.items()]
-    lines = ['# Default pipeline results', '', '## Final held-out metrics', '',
-             markdown_table(['model', 'step', 'held-out episodes', *RESULT_METRICS, 'steps to CE-only final tool-name acc.'], rows)]
+    rows = [[name, *(fmt_number(f.get(k)) for k in ('step', 'episodes', *RESULT_METRICS)), fmt_number(reach[name])]
+            for name, f in final.items()]
+    header = ['model', 'step', 'held-out episodes', *RESULT_METRICS, 'steps to CE-only final tool-name acc.']
+    lines = ['# Default pipeline results', '', '## Final held-out metrics', '', markdown_table(header, rows)]
     students = [n for n in STUDENTS if n in hist]
     acc_at = {n: {r['step']: r.get('tool_name_accuracy') for r in hist[n]} for n in students}
     steps = sorted({step for n in students for step in acc_at[n]})
@@ -157,9 +161,9 @@ def write_results(run_dir) -> Path:
     cache_manifest = run_dir/'teacher_cache'/'manifest.json'
     if cache_manifest.exists():
         m = json.loads(cache_manifest.read_text())
-        lines += ['## Teacher cache', '', f"top-{m['k']} log-probs: {m['bytes_per_token']:.0f} bytes/token vs "
-                  f"{m['dense_fp16_bytes_per_token']} for dense fp16 logits ({m['dense_fp16_bytes_per_token'] / m['bytes_per_token']:.0f}x "
-                  f"smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
+        dense, stored = m['dense_fp16_bytes_per_token'], m['bytes_per_token']
+        lines += ['## Teacher cache', '', f"top-{m['k']} log-probs: {stored:.0f} bytes/token vs {dense} for dense fp16 logits "
+                  f"({dense / stored:.0f}x smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
     qat_md = run_dir/'qat'/'qat_report.md'
     if qat_md.exists(): lines += [qat_md.read_text(), '']
     tr_dir = run_dir/'token_reduction'
@@ -167,13 +171,14 @@ def write_results(run_dir) -> Path:
     if tr_md.exists():
         tr = json.loads(tr_json.read_text()) if tr_json.exists() else {}
         lines += ['## Token reduction', '',
-                  f"Students of one size (`student_cpu.yaml`), each trained {fmt_number(tr.get('steps'))} steps by CE on the teacher text of its own "
-                  f"rendering (direct answers, code-mode programs, full plans, plans replaced by latent slots) and evaluated on "
-                  f"the same {fmt_number(tr.get('episodes'))} held-out episodes; in the halting rows the halt head decides at each "
-                  f"tool-result boundary whether to stop calling tools.", '', tr_md.read_text().strip(), '']
+                  f"Students of one size (`student_cpu.yaml`), each trained {fmt_number(tr.get('steps'))} steps by CE on the "
+                  f"teacher text of its own rendering (direct answers, code-mode programs, full plans, plans replaced by latent "
+                  f"slots) and evaluated on the same {fmt_number(tr.get('episodes'))} held-out episodes; in the halting rows the "
+                  f"halt head decides at each tool-result boundary whether to stop calling tools.", '', tr_md.read_text().strip(), '']
     if latent_md.exists():
-        lines += ['### Latent curriculum', '', 'The latent student evaluated after each curriculum stage (plan steps replaced by latent slots '
-                  'in training up to that step) on the same episodes, against the full-plan student.', '', latent_md.read_text().strip(), '']
+        lines += ['### Latent curriculum', '', 'The latent student evaluated after each curriculum stage (plan steps replaced by '
+                  'latent slots in training up to that step) on the same episodes, against the full-plan student.', '',
+                  latent_md.read_text().strip(), '']
     timings = {p.stem: json.loads(p.read_text()).get('seconds') for p in sorted((run_dir/'stages').glob('*.json'))}
     lines += ['## Stage times', '', markdown_table(['stage', 'seconds'], [[k, fmt_number(v)] for k, v in timings.items()]), '']
     out = run_dir/'results.md'

@@ -42,8 +42,10 @@ def prepare_data(cfg: Config) -> dict:
     train, evl, tok = Path(d.train_path), Path(d.eval_path), Path(d.tokenizer_path)
     if not train.exists() and not evl.exists():
         if (train.name, evl.name) != ('train.jsonl', 'eval.jsonl') or train.parent != evl.parent:
-            raise ConfigError(f'data.train_path: {train} does not exist (kd_lib only generates <folder>/train.jsonl and <folder>/eval.jsonl)')
-        write_corpus(train.parent, d.synth_train_episodes, d.synth_eval_episodes, d.synth_seed, plans=d.plans, code_mode=d.code_mode)
+            raise ConfigError(f'data.train_path: {train} does not exist '
+                              '(kd_lib only generates <folder>/train.jsonl and <folder>/eval.jsonl)')
+        write_corpus(train.parent, d.synth_train_episodes, d.synth_eval_episodes, d.synth_seed, plans=d.plans,
+                     code_mode=d.code_mode)
     for key, p in (('data.train_path', train), ('data.eval_path', evl)):
         if not p.exists(): raise ConfigError(f'{key}: {p} does not exist')
     if not tok.exists():
@@ -75,7 +77,8 @@ def teacher_signal(cfg: Config, device) -> tuple:
 def load_qat_student(cfg: Config, tokenizer, device) -> StudentLM:
     "The full-precision student of `qat.student_path`, prepared for quantization-aware training."
     if not (Path(cfg.qat.student_path)/'config.json').is_file():
-        raise ConfigError(f'qat.student_path: {cfg.qat.student_path} is not a model folder (no config.json; train the KD stage first)')
+        raise ConfigError(f'qat.student_path: {cfg.qat.student_path} is not a model folder '
+                          '(no config.json; train the KD stage first)')
     student = StudentLM.from_pretrained(cfg.qat.student_path, device=device)
     if tokenizer.get_vocab_size() > student.cfg.vocab_size:
         raise ConfigError(f'qat.student_path: the student has {student.cfg.vocab_size} embeddings, fewer than the tokenizer '
@@ -92,10 +95,12 @@ def eval_options(cfg: Config) -> dict:
     "evaluate_model options the config's features need: latent slots in generation, running code-mode programs."
     options = {}
     if cfg.latent.enabled: options['latent_slots'] = cfg.latent.slots_per_step
-    if cfg.code_mode.enabled: options['resolve_result'] = lambda reference, call: resolve_code_mode_result(reference, call, cfg.code_mode)
+    if cfg.code_mode.enabled:
+        options['resolve_result'] = lambda reference, call: resolve_code_mode_result(reference, call, cfg.code_mode)
     return options
 
-HALTING_EVAL_KEYS = ('unneeded_tool_calls', 'answer_exact_match', 'mean_generated_tokens')  # reported again with the halt head deciding
+# reported again with the halt head deciding
+HALTING_EVAL_KEYS = ('unneeded_tool_calls', 'answer_exact_match', 'mean_generated_tokens')
 
 def _numbers(summary: dict) -> dict: return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
@@ -135,7 +140,8 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     model = load_qat_student(cfg, tokenizer, device) if qat else build_student(cfg, tokenizer, run_dir=run_dir)
     teacher, teacher_fp = teacher_signal(cfg, device)
     objective = KDObjective(cfg, teacher, tokenizer, student=model)
-    trainer = Trainer(cfg, run_dir, model, BatchStream(dataset, sampler, dataset.collate, info), objective, aux=objective.projector,
+    trainer = Trainer(cfg, run_dir, model, BatchStream(dataset, sampler, dataset.collate, info), objective,
+                      aux=objective.projector,
                       eval_fn=make_eval_fn(cfg, tokenizer) if evaluate else None, device=device, info=info,
                       fingerprints={'arch_fingerprint': student_fingerprint(model), 'teacher_fingerprint': teacher_fp})
     if resume is not None or trainer.ckpt.latest() is not None: trainer.resume(resume, force=force)
@@ -146,7 +152,8 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
         else: save_final(trainer.eval_model, tokenizer, run_dir/'final')
         if cfg.halting.enabled:
             rows = load_eval_rows(cfg.data.eval_path, cfg.training.eval_examples)
-            write_halt_records(halt_records(trainer.eval_model, tokenizer, rows, cfg.halting, cfg.training.steps, cfg.training.steps), run_dir)
+            steps = cfg.training.steps
+            write_halt_records(halt_records(trainer.eval_model, tokenizer, rows, cfg.halting, steps, steps), run_dir)
     return result
 
 def save_final(model: StudentLM, tokenizer, folder) -> Path:
@@ -161,7 +168,8 @@ def save_qat_final(cfg: Config, trainer: Trainer, dataset, sampler, tokenizer, r
     int8 = convert_to_int8(trainer.model.eval())
     batches = [{k: v.to(device) for k, v in b.items() if torch.is_tensor(v)} for b in first_batches(dataset, sampler, 2)]
     return save_int8(int8, run_dir/'final_int8', tokenizer, extra=dict(student_path=str(cfg.qat.student_path), qat_steps=step,
-                     calibration_batches=cfg.qat.calibration_batches, fake_quant_max_logit_diff=max_logit_diff(trainer.model, int8, batches)))
+                     calibration_batches=cfg.qat.calibration_batches,
+                     fake_quant_max_logit_diff=max_logit_diff(trainer.model, int8, batches)))
 
 # %% ../nbs/70_recipes.ipynb #c6097221
 def prepare_data_stage(stage: dict # {'config_paths': [...], 'overrides': [...]}
@@ -196,19 +204,22 @@ def token_reduction_configs(cfg: Config, # a stage config: model, data sizes, tr
     "The configs of the token-reduction students (same model and budget, CE on the teacher text)."
     run_dir = Path(run_dir)
     stage_steps = max(1, cfg.training.steps // (cfg.latent.max_steps + 1))
-    common = ['training.stage=kd', 'teacher.kind=none', 'teacher.path=""', 'distillation.kd_weight=0', 'distillation.ce_weight=1.0',
+    common = ['training.stage=kd', 'teacher.kind=none', 'teacher.path=""', 'distillation.kd_weight=0',
+              'distillation.ce_weight=1.0',
               'distillation.intermediate_weight=0', f'latent.stage_steps={stage_steps}']
     configs = {}
     for name, (corpus, overrides) in TOKEN_REDUCTION_STUDENTS.items():
         data = run_dir / 'data' / corpus
-        paths = [f'data.train_path={data/"train.jsonl"}', f'data.eval_path={data/"eval.jsonl"}', f'data.tokenizer_path={data/"tokenizer.json"}',
+        paths = [f'data.train_path={data/"train.jsonl"}', f'data.eval_path={data/"eval.jsonl"}',
+                 f'data.tokenizer_path={data/"tokenizer.json"}',
                  f'data.plans={str(corpus == "plans").lower()}', f'data.code_mode={str(corpus == "code").lower()}']
         per_stage = [f'training.eval_every={stage_steps}'] if name == 'latent' else []  # one evaluation per curriculum stage
         configs[name] = cfg.override(*common, *paths, *overrides, *per_stage)
     return configs
 
 def _student_rows(name: str, summary: dict) -> dict:
-    return {'student': name, 'generated_tokens': summary.get('mean_generated_tokens'), 'context_tokens': summary.get('mean_context_tokens'),
+    return {'student': name, 'generated_tokens': summary.get('mean_generated_tokens'),
+            'context_tokens': summary.get('mean_context_tokens'),
             'tool_name_accuracy': summary.get('tool_name_accuracy'), 'answer_exact_match': summary.get('answer_exact_match'),
             'integration_accuracy': summary.get('integration_accuracy'), 'tool_calls': summary.get('mean_tool_calls'),
             'unneeded_tool_calls': summary.get('unneeded_tool_calls')}
@@ -230,7 +241,8 @@ def token_reduction_results(students: dict, # name -> (model, tokenizer, Config)
         if 'with' in runs: out.append(_student_rows(f'{name} + halting', runs['with']))
     return out
 
-TOKEN_REDUCTION_COLUMNS = {'generated_tokens': ('generated tokens / episode', 1), 'context_tokens': ('context tokens / episode', 1),
+TOKEN_REDUCTION_COLUMNS = {'generated_tokens': ('generated tokens / episode', 1),
+                           'context_tokens': ('context tokens / episode', 1),
                            'tool_name_accuracy': ('tool-name accuracy', 3), 'answer_exact_match': ('answer exact match', 3),
                            'integration_accuracy': ('integration accuracy', 3), 'tool_calls': ('tool calls / episode', 2),
                            'unneeded_tool_calls': ('unneeded tool calls / episode', 3)}  # row key -> (column title, decimals)
@@ -246,7 +258,7 @@ def latent_curriculum_table(latent_run, # the latent student's run folder (its m
                             latent_cfg: Config, # its config (the curriculum's stage_steps and max_steps)
                             results: list, # from `token_reduction_results` (the full-plan 'plan' row is the baseline)
                            ) -> str: # markdown table, one row per evaluation plus the baseline
-    "Markdown table: the latent student's held-out accuracy and tokens after each curriculum stage, against the full-plan student."
+    "Markdown table: the latent student's held-out accuracy and tokens after each curriculum stage, and the full-plan student."
     rows = [['latent', r['step'], latent_stage(r['step'] - 1, latent_cfg.latent), fmt_number(r.get('tool_name_accuracy')),
              fmt_number(r.get('answer_exact_match')), fmt_number(r.get('mean_generated_tokens'), 1)]
             for r in read_metrics(latent_run, split='eval', latest_only=True)]
@@ -266,13 +278,16 @@ def run_token_reduction(cfg: Config, # a stage config (model, data sizes, traini
     students = {}
     for name, student_cfg in configs.items():
         run_stage(student_cfg, run_dir / name)
-        students[name] = (StudentLM.from_pretrained(run_dir / name / 'final'), load_tokenizer(run_dir / name / 'final' / 'tokenizer.json'), student_cfg)
+        final = run_dir / name / 'final'
+        students[name] = (StudentLM.from_pretrained(final), load_tokenizer(final / 'tokenizer.json'), student_cfg)
     rows = load_eval_rows(configs['direct'].data.eval_path, cfg.training.eval_examples)
     results = token_reduction_results(students, rows, max_new_tokens)
     table = token_reduction_table(results)
     (run_dir / 'token_reduction.md').write_text(table + '\n', encoding='utf-8')
-    (run_dir / 'latent_curriculum.md').write_text(latent_curriculum_table(run_dir / 'latent', configs['latent'], results) + '\n', encoding='utf-8')
-    (run_dir / 'token_reduction.json').write_text(json.dumps({'episodes': len(rows), 'steps': cfg.training.steps, 'results': results}, indent=1))
+    (run_dir / 'latent_curriculum.md').write_text(latent_curriculum_table(run_dir / 'latent', configs['latent'], results) + '\n',
+                                                  encoding='utf-8')
+    record = {'episodes': len(rows), 'steps': cfg.training.steps, 'results': results}
+    (run_dir / 'token_reduction.json').write_text(json.dumps(record, indent=1))
     return table
 
 # %% ../nbs/70_recipes.ipynb #3fdfb3a5
@@ -319,7 +334,8 @@ def qat_report(cfg: Config, # the QAT stage's config (qat.student_path, data.eva
     return dict(size_bytes=size, size_ratio=size['fp32'] / size['qat_int8'], tokens_per_second=speed,
                 speed_ratio=speed['qat_int8'] / speed['fp32'], quality=quality,
                 drops={k: {name: _drop(q[k]['fp32'], q[k][name]) for name in ('ptq_int8', 'qat_int8')} for k in QUALITY_KEYS},
-                recovered_fraction={k: recovered_fraction(q[k]['fp32'], q[k]['ptq_int8'], q[k]['qat_int8']) for k in QUALITY_KEYS},
+                recovered_fraction={k: recovered_fraction(q[k]['fp32'], q[k]['ptq_int8'], q[k]['qat_int8'])
+                                    for k in QUALITY_KEYS},
                 fake_quant_max_logit_diff=read_quantization(run_dir/'final_int8').get('fake_quant_max_logit_diff'),
                 eval_examples=quality['fp32']['episodes'], threads=torch.get_num_threads())
 
@@ -332,14 +348,17 @@ def qat_markdown(report: dict # from `qat_report`
                 ) -> str: # a markdown section for results.md
     "The QAT report as a markdown section: size and speed, quality with drops and recovered fraction, parity."
     s, t = report['size_bytes'], report['tokens_per_second']
-    size = ['state_dict size (MB)', *(fmt_number(s[n] / 1e6, 2) for n in QAT_MODELS), f"{fmt_number(report['size_ratio'], 2)}x smaller"]
+    size = ['state_dict size (MB)', *(fmt_number(s[n] / 1e6, 2) for n in QAT_MODELS),
+            f"{fmt_number(report['size_ratio'], 2)}x smaller"]
     speed = [f"CPU generation (tokens/s, {report['threads']} threads)", *(fmt_number(t[n], 0) for n in QAT_MODELS),
              f"{fmt_number(report['speed_ratio'], 2)}x speed"]
-    quality = [[k, *(_percent(report['quality'][n].get(k)) for n in QAT_MODELS), *(_percent(report['drops'][k][n]) for n in QAT_MODELS[1:]),
+    quality = [[k, *(_percent(report['quality'][n].get(k)) for n in QAT_MODELS),
+                *(_percent(report['drops'][k][n]) for n in QAT_MODELS[1:]),
                 fmt_number(report['recovered_fraction'][k], 3, 'g')] for k in QUALITY_KEYS]
     return '\n'.join(['## INT8 quantization-aware training', '',
                       markdown_table(['', 'fp32', 'PTQ int8', 'QAT int8', 'ratio fp32 / QAT int8'], [size, speed]),
                       '', f"Quality on {report['eval_examples']} held-out episodes (%, drops in points against fp32):", '',
                       markdown_table(['metric', 'fp32', 'PTQ int8', 'QAT int8', 'PTQ drop', 'QAT drop', 'recovered'], quality),
                       '', f"Recovered fraction = (PTQ drop - QAT drop) / PTQ drop ('-': PTQ lost nothing). "
-                      f"Max |fake-quant - int8| logit difference: {fmt_number(report['fake_quant_max_logit_diff'], 3, 'g')}."]) + '\n'
+                      "Max |fake-quant - int8| logit difference: "
+                      f"{fmt_number(report['fake_quant_max_logit_diff'], 3, 'g')}."]) + '\n'
