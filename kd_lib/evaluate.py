@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .dataset import DataError, collate_kd_batch, encode_row, labels_and_masks, parse_row
 from .extractors import answer_span, extract_tool_calls, integration_spans
 from .losses import IGNORE_INDEX, forward_kl
+from .report import fmt_number, markdown_table
 from .synth import run_tool
 from .tokenizer import BOS, BOT, EOS, EOT, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, backend_tokenizer
 
@@ -170,12 +171,14 @@ def load_eval_rows(path_or_rows, # KD-format JSONL path, or a list of rows
                 if max_examples is not None and len(rows) >= max_examples: break
                 if not raw.strip(): continue
                 prompt, teacher_text, meta = parse_row(raw.rstrip(b'\r\n'), path, line, not raw.endswith(b'\n'))
-                if 'answer' not in meta: raise DataError(path, line, 'metadata.answer', 'missing: evaluation needs the reference answer')
+                if 'answer' not in meta:
+                    raise DataError(path, line, 'metadata.answer', 'missing: evaluation needs the reference answer')
                 rows.append({'prompt': prompt, 'teacher_text': teacher_text, 'metadata': meta})
         return rows
     rows = list(path_or_rows)[:max_examples]
     for i, r in enumerate(rows):
-        if 'answer' not in r.get('metadata', {}): raise ValueError(f'row {i}: metadata.answer: missing: evaluation needs the reference answer')
+        if 'answer' not in r.get('metadata', {}):
+            raise ValueError(f'row {i}: metadata.answer: missing: evaluation needs the reference answer')
     return rows
 
 # %% ../nbs/50_evaluate.ipynb #aff5da43
@@ -233,7 +236,8 @@ def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
     resolve_result = resolve_result or resolve_tool_result
     tok = backend_tokenizer(tokenizer)
     special = {t: tok.token_to_id(t) for t in (BOS, EOS, PAD, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT_END, BOT, EOT)}
-    if None in special.values(): raise ValueError(f'tokenizer lacks special tokens {[t for t, i in special.items() if i is None]}')
+    if None in special.values():
+        raise ValueError(f'tokenizer lacks special tokens {[t for t, i in special.items() if i is None]}')
     device = device or next(model.parameters()).device
     prompts = [[special[BOS]] + tok.encode(r['prompt'], add_special_tokens=False).ids for r in rows]
     cache, logits = model.prefill(*_left_pad(prompts, special[PAD], device))
@@ -241,7 +245,9 @@ def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
     generated, calls, latent_left, slots = [0] * len(rows), [0] * len(rows), [0] * len(rows), [0] * len(rows)
     halted = torch.zeros(len(rows), dtype=torch.bool, device=device)
     while cache.length < model.cfg.max_seq_len:
-        if halted.any(): logits = logits.masked_fill(halted[:, None] & (torch.arange(logits.shape[-1], device=device) == special[TOOL_CALL]), float('-inf'))
+        if halted.any():
+            tool_call = torch.arange(logits.shape[-1], device=device) == special[TOOL_CALL]
+            logits = logits.masked_fill(halted[:, None] & tool_call, float('-inf'))
         feed, latent = [], [False] * len(rows)
         for b, token in enumerate(logits.argmax(-1).tolist()):
             if not stop[b] and not pending[b] and generated[b] == max_new_tokens: stop[b] = 'max_new_tokens'
@@ -274,7 +280,8 @@ def rollout_batch(model, # StudentLM-like: prefill / step and cfg.max_seq_len
         else: logits = model.step(ids, cache, live)
         if halt_threshold is not None: halted = _halt_mask(model, cache, feed, halted, halt_threshold, special[TOOL_RESULT_END])
     stop = [s or 'max_seq_len' for s in stop]
-    return [Rollout(tok.decode(o, skip_special_tokens=False), g, c, s, len(o) + n) for o, g, c, s, n in zip(out, generated, calls, stop, slots)]
+    return [Rollout(tok.decode(o, skip_special_tokens=False), g, c, s, len(o) + n)
+            for o, g, c, s, n in zip(out, generated, calls, stop, slots)]
 
 # %% ../nbs/50_evaluate.ipynb #67828a87
 KL_SPANS = {'kl_to_teacher': None, 'kl_tool_name': 'tool_name_mask', 'kl_arguments': 'json_argument_mask',
@@ -293,7 +300,8 @@ def reference_text_metrics(model, # StudentLM-like: model(ids, mask).logits
     pad_id = backend_tokenizer(tokenizer).token_to_id(PAD)
     nll, kl, counts = 0.0, dict.fromkeys(KL_SPANS, 0.0), dict.fromkeys(['nll', *KL_SPANS], 0)
     for start in range(0, len(rows), batch_size):
-        items = [labels_and_masks(*encode_row(tokenizer, r['prompt'], r['teacher_text'], model.cfg.max_seq_len)) for r in rows[start:start + batch_size]]
+        items = [labels_and_masks(*encode_row(tokenizer, r['prompt'], r['teacher_text'], model.cfg.max_seq_len))
+                 for r in rows[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate_kd_batch(items, pad_id).items() if torch.is_tensor(v)}
         logits = model(batch['input_ids'], batch['attention_mask']).logits.float()
         labels = batch['labels']
@@ -341,7 +349,8 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
                                                   halt_threshold, latent_slots, resolve_result)):
             rollouts[i] = rollout
     seconds = time.perf_counter() - start_time
-    summary = summarize([score_episode(r['metadata'], ro.transcript, ro.generated_tokens) for r, ro in zip(rows, rollouts)], seconds)
+    summary = summarize([score_episode(r['metadata'], ro.transcript, ro.generated_tokens) for r, ro in zip(rows, rollouts)],
+                        seconds)
     summary.update(reference_text_metrics(model, tokenizer, rows, teacher, batch_size, device))
     summary['stops'] = dict(Counter(ro.stop for ro in rollouts))
     if keep_rollouts: summary['rollouts'] = [asdict(ro) for ro in rollouts]
@@ -350,19 +359,15 @@ def evaluate_model(model, # StudentLM-like (prefill / step / forward)
 # %% ../nbs/50_evaluate.ipynb #54c49f2b
 TABLE_KEYS = ('episodes', *METRICS, 'mean_generated_tokens', 'tokens_per_second', 'perplexity', *KL_SPANS)  # table rows, in order
 
-def _cell(key: str, value) -> str:
-    if value is None: return '-'
-    if isinstance(value, int): return str(value)
-    return f'{value:.3f}' if key in METRICS or key.startswith('kl_') else f'{value:.1f}'
+def _digits(key: str) -> int: return 3 if key in METRICS or key.startswith('kl_') else 1  # rates and KLs: 3 decimals
 
 def metrics_table(results: dict # model name -> summary from evaluate_model
                  ) -> str: # a markdown table: one row per metric, one column per model
     "Markdown table comparing models on every metric any of them has."
     names = list(results)
     keys = [k for k in TABLE_KEYS if any(k in r for r in results.values())]
-    lines = ['| metric | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-    lines += [f'| {k} | ' + ' | '.join(_cell(k, results[n].get(k)) for n in names) + ' |' for k in keys]
-    return '\n'.join(lines)
+    rows = [[k, *(fmt_number(results[n].get(k), _digits(k)) for n in names)] for k in keys]
+    return markdown_table(['metric', *names], rows, align='l' + 'r' * len(names))
 
 def plot_metrics(results: dict, # model name -> summary
                  metrics=METRICS, # rates to draw as grouped bars
@@ -379,7 +384,8 @@ def plot_metrics(results: dict, # model name -> summary
     rates.set_ylim(0, 1.05)
     rates.set_ylabel('rate')
     rates.legend(fontsize='small')
-    speed.bar(list(results), [r.get('tokens_per_second') or 0.0 for r in results.values()], color=[f'C{i}' for i in range(len(results))])
+    speed.bar(list(results), [r.get('tokens_per_second') or 0.0 for r in results.values()],
+              color=[f'C{i}' for i in range(len(results))])
     speed.set_ylabel('generated tokens / s')
     speed.tick_params(axis='x', rotation=30)
     return fig
@@ -392,7 +398,8 @@ def save_eval_report(results: dict, # model name -> summary
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {'json': out_dir/'eval_results.json', 'table': out_dir/'eval_metrics.md', 'plot': out_dir/'eval_metrics.png'}
-    paths['json'].write_text(json.dumps({'settings': settings or {}, 'models': results}, indent=1, ensure_ascii=False), encoding='utf-8')
+    paths['json'].write_text(json.dumps({'settings': settings or {}, 'models': results}, indent=1, ensure_ascii=False),
+                             encoding='utf-8')
     paths['table'].write_text(metrics_table(results) + '\n', encoding='utf-8')
     plot_metrics(results).savefig(paths['plot'], dpi=100)
     return paths
@@ -408,7 +415,8 @@ def evaluate_models(models: dict, # name -> model (StudentLM-like)
     rows = load_eval_rows(eval_path_or_rows, kwargs.pop('max_examples', None))
     results = {name: evaluate_model(model, tokenizer, rows, **kwargs) for name, model in models.items()}
     if out_dir is not None:
-        settings = {'eval': str(eval_path_or_rows) if isinstance(eval_path_or_rows, (str, Path)) else '<rows>', 'examples': len(rows),
+        settings = {'eval': str(eval_path_or_rows) if isinstance(eval_path_or_rows, (str, Path)) else '<rows>',
+                    'examples': len(rows),
                     **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}}
         save_eval_report(results, out_dir, settings)
     return results

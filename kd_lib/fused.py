@@ -118,9 +118,12 @@ def _is_lean(teacher, opts: KDOptions) -> bool:
 
 def _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, out):
     "The teacher's signal for some flat token rows: logits [n, V] written into `out`, or a (ids, log-probs) pair."
-    if topk_ids is not None: return topk_ids.reshape(-1, topk_ids.shape[-1])[rows], topk_logprobs.reshape(-1, topk_ids.shape[-1])[rows]
+    if topk_ids is not None:
+        k = topk_ids.shape[-1]
+        return topk_ids.reshape(-1, k)[rows], topk_logprobs.reshape(-1, k)[rows]
     if teacher_logits is not None: return out.copy_(teacher_logits.reshape(-1, teacher_logits.shape[-1])[rows])
-    if teacher_hidden is not None: return torch.mm(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(out.dtype), teacher_weight.T, out=out)
+    if teacher_hidden is not None:
+        return torch.mm(teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[rows].to(out.dtype), teacher_weight.T, out=out)
     return None
 
 # %% ../nbs/21_fused.ipynb #6688e67d
@@ -142,7 +145,8 @@ def _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, d
         flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
         if flat.dtype == dtype: return lambda v0, v1, out: torch.index_select(flat[:, v0:v1], 0, kept_rows, out=out)
         return lambda v0, v1, out: out.copy_(flat[:, v0:v1].index_select(0, kept_rows))
-    rows, head = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept_rows].to(dtype), _head_blocks(teacher_weight, dtype, width)
+    rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept_rows].to(dtype)
+    head = _head_blocks(teacher_weight, dtype, width)
     return lambda v0, v1, out: torch.mm(rows, head(v0, v1).T, out=out)
 
 def _row_logsumexp(x, scratch):
@@ -158,7 +162,8 @@ def _jsd_blocked(hidden_rows, head, targets, teacher, blocks, opts: KDOptions, n
     ce_other_temperature = opts.ce_weight > 0 and tau != 1.0
     width = blocks[0][1] - blocks[0][0]
     flat = hidden_rows.new_empty((4, K * width))
-    grad_block = None if grad_weight is None or grad_weight.dtype == dtype else hidden_rows.new_empty((width, hidden_rows.shape[1]))
+    same_dtype = grad_weight is None or grad_weight.dtype == dtype
+    grad_block = None if same_dtype else hidden_rows.new_empty((width, hidden_rows.shape[1]))
     def buffers(v0, v1): return [b[:K * (v1 - v0)].view(K, v1 - v0) for b in flat]
     def scaled_(x): return x.div_(tau) if tau != 1.0 else x
     def targets_in(v0, v1):
@@ -217,7 +222,7 @@ def _is_blocked(weight, topk_ids, opts: KDOptions) -> bool:
 
 # %% ../nbs/21_fused.ipynb #eaacf136
 def _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts: KDOptions, grad_hidden, need_grad_weight: bool):
-    "Summed KD and CE over the kept rows, chunk of tokens by chunk; fills `grad_hidden` and returns (kd, ce, unscaled head gradient or None)."
+    "Summed KD and CE over the kept rows, chunk by chunk; fills `grad_hidden`, returns (kd, ce, unscaled head gradient or None)."
     teacher_logits, teacher_hidden, teacher_weight, topk_ids, topk_logprobs = teacher
     head = upcast(weight)
     teacher_head = None if teacher_weight is None else teacher_weight.detach().to(head.dtype)
@@ -229,8 +234,10 @@ def _token_chunks(flat_hidden, weight, targets, kept_rows, teacher, opts: KDOpti
         logits, teacher_logits_rows, probs, log_mix = buffers[:, :rows.numel()].unbind(0)
         chunk_hidden = upcast(flat_hidden[rows])
         torch.mm(chunk_hidden, head.T, out=logits)
-        teacher_rows = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs, teacher_logits_rows)
-        if _is_lean(teacher_rows, opts): kd, ce, grad_logits = _jsd_chunk_(logits, teacher_rows, targets[rows], opts, probs, log_mix)
+        teacher_rows = _teacher_rows(rows, teacher_logits, teacher_hidden, teacher_head, topk_ids, topk_logprobs,
+                                     teacher_logits_rows)
+        if _is_lean(teacher_rows, opts):
+            kd, ce, grad_logits = _jsd_chunk_(logits, teacher_rows, targets[rows], opts, probs, log_mix)
         else: kd, ce, grad_logits = _chunk_losses(logits, targets[rows], teacher_rows, opts)
         grad_hidden.index_copy_(0, rows, grad_logits @ head)
         if grad_weight is not None: grad_weight.addmm_(grad_logits.T, chunk_hidden)
@@ -252,7 +259,8 @@ class FusedLinearKD(torch.autograd.Function):
             if _is_blocked(weight, topk_ids, opts):  # no [V, D] copy of a bf16 head; its gradient written once, in its dtype
                 blocks = _vocab_blocks(weight.shape[0], kept_rows.numel(), opts.chunk_size)
                 width = blocks[0][1] - blocks[0][0]
-                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+                need_head_grad = ctx.needs_input_grad[1]
+                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_head_grad else None
                 teacher = _teacher_blocks(kept_rows, teacher_logits, teacher_hidden, teacher_weight, dtype, width)
                 kd_sum, ce_sum, grad_rows = _jsd_blocked(flat_hidden[kept_rows].to(dtype), _head_blocks(weight, dtype, width),
                                                          targets[kept_rows], teacher, blocks, opts, norm, grad_weight)
@@ -295,10 +303,13 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, # [B,T,D] or [N,D] final 
     "KD divergence + CE from hidden states and head weight, chunked over tokens, without the full logits."
     opts = opts or KDOptions(**options)
     teachers = sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_topk))
-    if opts.kd_weight > 0 and teachers != 1: raise ValueError(f'give exactly one teacher (teacher_logits, teacher_hidden + teacher_head_weight or teacher_topk), got {teachers}')
+    if opts.kd_weight > 0 and teachers != 1:
+        raise ValueError('give exactly one teacher (teacher_logits, teacher_hidden + teacher_head_weight or teacher_topk), '
+                         f'got {teachers}')
     if teacher_hidden is not None and teacher_head_weight is None: raise ValueError('teacher_hidden needs teacher_head_weight')
     resolve_divergence(opts.divergence, opts.beta)  # fails early on an unknown name, even if no chunk has a label
-    if student_hidden.shape[:-1] != labels.shape: raise ValueError(f'student_hidden {tuple(student_hidden.shape)} does not match labels {tuple(labels.shape)}')
+    if student_hidden.shape[:-1] != labels.shape:
+        raise ValueError(f'student_hidden {tuple(student_hidden.shape)} does not match labels {tuple(labels.shape)}')
     opts = replace(opts, chunk_size=resolve_chunk_size(opts.chunk_size, student_head_weight.shape[0]))
     norm = normalizer(kept_token_mask(labels, labels.numel()), num_kept_tokens)
     topk_ids, topk_logprobs = teacher_topk if teacher_topk is not None else (None, None)
@@ -317,7 +328,7 @@ def kd_ce_loss(labels: torch.Tensor, # [B,T] or [N] targets, -100 ignored
                opts: KDOptions = KDOptions(), # divergence, weights, fused or plain, chunk size
                num_kept_tokens=None, # kept tokens of the whole optimizer step; None: this batch's
               ) -> tuple[torch.Tensor, dict]: # (weighted total, {'kd', 'ce'} unweighted, detached)
-    "KD + CE from student logits or hidden states: the fused path for hidden states (unless `opts.fused` is off), else the plain one."
+    "KD + CE from student logits or hidden states: fused for hidden states (unless `opts.fused` is off), else plain."
     if student_logits is None and (student_hidden is None or student_head_weight is None):
         raise ValueError('give student_logits, or student_hidden and student_head_weight')
     if student_logits is None and opts.fused:

@@ -20,6 +20,7 @@ import kd_lib
 from .explore import load_run, plot_eval
 from .config import load_config
 from .recipes import build_cache_stage, prepare_data_stage, run_token_reduction
+from .report import fmt_number, markdown_table
 
 # %% ../nbs/89_pipeline.ipynb #e2261d43
 NBS_DIR = Path(kd_lib.__file__).resolve().parents[1]/'nbs'  # the stage notebooks (editable install / checkout)
@@ -45,7 +46,8 @@ def _run_notebook(stage: Stage, run_dir: Path) -> dict:
     src = Path(stage.notebook) if Path(stage.notebook).is_absolute() else NBS_DIR/stage.notebook
     out = run_dir/'notebooks'/f'{stage.name}.ipynb'
     out.parent.mkdir(parents=True, exist_ok=True)
-    try: pm.execute_notebook(str(src), str(out), parameters=stage.parameters, cwd=str(src.parent), progress_bar=False, log_output=False)
+    try: pm.execute_notebook(str(src), str(out), parameters=stage.parameters, cwd=str(src.parent), progress_bar=False,
+                             log_output=False)
     except pm.PapermillExecutionError as e:
         raise PipelineError(stage.name, f'{e.ename}: {e.evalue}', out) from None
     return {'notebook': str(out)}
@@ -83,7 +85,8 @@ STUDENTS = {'ce': ['teacher.kind=none', 'distillation.kd_weight=0', 'distillatio
 RESULT_METRICS = ['tool_name_accuracy', 'json_validity', 'argument_exact_match', 'integration_accuracy',
                   'no_tool_precision', 'mean_generated_tokens']
 
-TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64', 'training.ema_decay=0']  # per student; pipeline overrides still win
+# per token-reduction student; pipeline overrides still win
+TOKEN_REDUCTION_BUDGET = ['training.steps=500', 'training.eval_every=0', 'training.eval_examples=64', 'training.ema_decay=0']
 
 def _data_overrides(run_dir: Path) -> list:
     d = run_dir/'data'
@@ -119,7 +122,8 @@ def default_stages(run_dir, # pipeline folder
     qat = _stage_config(run_dir, ['student_cpu.yaml', 'quant_qat_int8.yaml'],
                         [f'qat.student_path={run_dir}/kd/final', f'teacher.path={run_dir}/kd/final', *overrides])
     stages.append(Stage('qat', 'run_qat.ipynb', {**qat, 'run_dir': str(run_dir/'qat'), 'eval_examples': 128}))
-    token_cfg = _stage_config(run_dir, ['student_cpu.yaml'], [*TOKEN_REDUCTION_BUDGET, *overrides])  # the students' own corpora override data.*
+    # the students' own corpora override data.*
+    token_cfg = _stage_config(run_dir, ['student_cpu.yaml'], [*TOKEN_REDUCTION_BUDGET, *overrides])
     stages.append(Stage('token_reduction', fn=lambda d: token_reduction_stage(token_cfg, d/'token_reduction')))
     stages.append(Stage('report', fn=lambda d: {'results': str(write_results(d))}))
     return stages
@@ -133,36 +137,33 @@ def steps_to_reach(history: list, metric: str, target: float) -> int | None:
     "First eval step at which `metric` reaches `target` (None if never)."
     return next((r['step'] for r in history if (r.get(metric) or 0) >= target), None)
 
-def _fmt(v) -> str: return '-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))
-
 def write_results(run_dir) -> Path:
     "Write run_dir/results.md (final metrics, steps-to-baseline, plots) from the stages' eval records."
-    import json
     run_dir = Path(run_dir)
     runs = {name: load_run(run_dir/name) for name in ['teacher', *STUDENTS] if (run_dir/name/'metrics.jsonl').exists()}
     hist = {name: run['eval'] for name, run in runs.items()}
     final = {name: (h[-1] if h else {}) for name, h in hist.items()}
     target = final.get('ce', {}).get('tool_name_accuracy')
-    lines = ['# Default pipeline results', '', '## Final held-out metrics', '',
-             '| model | step | held-out episodes | ' + ' | '.join(RESULT_METRICS) + ' | steps to CE-only final tool-name acc. |',
-             '|---|---|---|' + '---|' * (len(RESULT_METRICS) + 1)]
-    for name, f in final.items():
-        reach = steps_to_reach(hist[name], 'tool_name_accuracy', target) if target is not None and name != 'teacher' else None
-        lines.append(f"| {name} | {_fmt(f.get('step'))} | {_fmt(f.get('episodes'))} | " + ' | '.join(_fmt(f.get(m)) for m in RESULT_METRICS) + f' | {_fmt(reach)} |')
-    lines += ['', '## At equal steps', '', '| step | ' + ' | '.join(f'{n} tool-name acc.' for n in STUDENTS if n in hist) + ' |',
-              '|---|' + '---|' * sum(n in hist for n in STUDENTS)]
-    steps = sorted({r['step'] for n in STUDENTS for r in hist.get(n, [])})
-    for step in steps:
-        row = [next((_fmt(r.get('tool_name_accuracy')) for r in hist.get(n, []) if r['step'] == step), '-') for n in STUDENTS if n in hist]
-        lines.append(f'| {step} | ' + ' | '.join(row) + ' |')
+    reach = {name: steps_to_reach(hist[name], 'tool_name_accuracy', target) if target is not None and name != 'teacher' else None
+             for name in final}
+    rows = [[name, *(fmt_number(f.get(k)) for k in ('step', 'episodes', *RESULT_METRICS)), fmt_number(reach[name])]
+            for name, f in final.items()]
+    header = ['model', 'step', 'held-out episodes', *RESULT_METRICS, 'steps to CE-only final tool-name acc.']
+    lines = ['# Default pipeline results', '', '## Final held-out metrics', '', markdown_table(header, rows)]
+    students = [n for n in STUDENTS if n in hist]
+    acc_at = {n: {r['step']: r.get('tool_name_accuracy') for r in hist[n]} for n in students}
+    steps = sorted({step for n in students for step in acc_at[n]})
+    equal = [[step, *(fmt_number(acc_at[n].get(step)) for n in students)] for step in steps]
+    lines += ['', '## At equal steps', '', markdown_table(['step', *(f'{n} tool-name acc.' for n in students)], equal)]
     fig = plot_eval([run for n, run in runs.items() if n != 'teacher'], RESULT_METRICS)
     fig.savefig(run_dir/'results_metrics.png', dpi=90)
     lines += ['', '![metrics against optimizer steps](results_metrics.png)', '']
     cache_manifest = run_dir/'teacher_cache'/'manifest.json'
     if cache_manifest.exists():
         m = json.loads(cache_manifest.read_text())
-        lines += ['## Teacher cache', '', f"top-{m['k']} log-probs: {m['bytes_per_token']:.0f} bytes/token vs {m['dense_fp16_bytes_per_token']} for dense fp16 logits "
-                  f"({m['dense_fp16_bytes_per_token'] / m['bytes_per_token']:.0f}x smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
+        dense, stored = m['dense_fp16_bytes_per_token'], m['bytes_per_token']
+        lines += ['## Teacher cache', '', f"top-{m['k']} log-probs: {stored:.0f} bytes/token vs {dense} for dense fp16 logits "
+                  f"({dense / stored:.0f}x smaller), covering {m['covered_mass']:.3f} of the probability mass.", '']
     qat_md = run_dir/'qat'/'qat_report.md'
     if qat_md.exists(): lines += [qat_md.read_text(), '']
     tr_dir = run_dir/'token_reduction'
@@ -170,15 +171,16 @@ def write_results(run_dir) -> Path:
     if tr_md.exists():
         tr = json.loads(tr_json.read_text()) if tr_json.exists() else {}
         lines += ['## Token reduction', '',
-                  f"Students of one size (`student_cpu.yaml`), each trained {_fmt(tr.get('steps'))} steps by CE on the teacher text of its own "
-                  f"rendering (direct answers, code-mode programs, full plans, plans replaced by latent slots) and evaluated on "
-                  f"the same {_fmt(tr.get('episodes'))} held-out episodes; in the halting rows the halt head decides at each "
-                  f"tool-result boundary whether to stop calling tools.", '', tr_md.read_text().strip(), '']
+                  f"Students of one size (`student_cpu.yaml`), each trained {fmt_number(tr.get('steps'))} steps by CE on the "
+                  f"teacher text of its own rendering (direct answers, code-mode programs, full plans, plans replaced by latent "
+                  f"slots) and evaluated on the same {fmt_number(tr.get('episodes'))} held-out episodes; in the halting rows the "
+                  f"halt head decides at each tool-result boundary whether to stop calling tools.", '', tr_md.read_text().strip(), '']
     if latent_md.exists():
-        lines += ['### Latent curriculum', '', 'The latent student evaluated after each curriculum stage (plan steps replaced by latent slots '
-                  'in training up to that step) on the same episodes, against the full-plan student.', '', latent_md.read_text().strip(), '']
+        lines += ['### Latent curriculum', '', 'The latent student evaluated after each curriculum stage (plan steps replaced by '
+                  'latent slots in training up to that step) on the same episodes, against the full-plan student.', '',
+                  latent_md.read_text().strip(), '']
     timings = {p.stem: json.loads(p.read_text()).get('seconds') for p in sorted((run_dir/'stages').glob('*.json'))}
-    lines += ['## Stage times', '', '| stage | seconds |', '|---|---|', *[f'| {k} | {_fmt(v)} |' for k, v in timings.items()], '']
+    lines += ['## Stage times', '', markdown_table(['stage', 'seconds'], [[k, fmt_number(v)] for k, v in timings.items()]), '']
     out = run_dir/'results.md'
     out.write_text('\n'.join(lines))
     return out
