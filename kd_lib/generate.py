@@ -7,7 +7,7 @@ __all__ = ['SamplingConfig', 'row_seed', 'sample_tokens', 'sample_completions', 
            'append_rows', 'completed_row', 'load_generation_tokenizer', 'stop_token_ids', 'teacher_fingerprint',
            'metadata_path', 'generate_dataset']
 
-# %% ../nbs/55_generate.ipynb #3ffd6c32
+# %% ../nbs/55_generate.ipynb #2aa42428
 import hashlib
 import json
 import os
@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 
 from .dataset import ChatTemplate, DataError, _load_row, _metadata, _template_messages
 from .evaluate import _left_pad
-from .models import StudentLM
 from .students import load_student
 from .teachers import files_fingerprint
 from .tokenizer import BOS, EOS, PAD, backend_tokenizer, load_hf_tokenizer, load_tokenizer, tokenizer_hash
 
-# %% ../nbs/55_generate.ipynb #ec38d95c
+# %% ../nbs/55_generate.ipynb #2b36744b
 @dataclass(frozen=True)
 class SamplingConfig:
     "How completions are sampled."
@@ -45,7 +44,7 @@ def row_seed(seed: int, # the run seed
     "The sampling seed of one row: a hash of the run seed and the row index."
     return int.from_bytes(hashlib.sha256(f'{seed}:{index}'.encode()).digest()[:8], 'little') >> 1
 
-# %% ../nbs/55_generate.ipynb #c1eefd04
+# %% ../nbs/55_generate.ipynb #90e56f28
 def sample_tokens(logits: torch.Tensor, # [B, V] next-token logits
                   temperature: float, # 0: greedy
                   top_p: float, # nucleus mass
@@ -59,7 +58,7 @@ def sample_tokens(logits: torch.Tensor, # [B, V] next-token logits
     pick = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)
     return order.gather(-1, pick).squeeze(-1)
 
-# %% ../nbs/55_generate.ipynb #182b49a5
+# %% ../nbs/55_generate.ipynb #48e279d7
 @torch.no_grad()
 def sample_completions(model, # StudentLM or HFStudent (prefill / step, cfg.max_seq_len)
                        prompts: list, # token-id lists
@@ -87,7 +86,7 @@ def sample_completions(model, # StudentLM or HFStudent (prefill / step, cfg.max_
         logits = model.step(fed, cache, torch.tensor([[int(not d)] for d in done], device=device))
     return out
 
-# %% ../nbs/55_generate.ipynb #c5e7ea9a
+# %% ../nbs/55_generate.ipynb #1b4c2b9a
 @dataclass
 class PromptRow:
     "One row of a prompts file, ready to generate from."
@@ -130,7 +129,7 @@ def read_prompts(path, # JSONL of tag rows ({prompt, metadata}) or chat rows ({m
         rows.append(PromptRow(len(rows), ids, out))
     return rows
 
-# %% ../nbs/55_generate.ipynb #e06ee174
+# %% ../nbs/55_generate.ipynb #1abaf698
 def completed_rows(path) -> int:
     "Complete lines of an output file, after cutting off a torn last line."
     path = Path(path)
@@ -151,7 +150,7 @@ def append_rows(f, # a file opened in binary append mode
     f.flush()
     os.fsync(f.fileno())
 
-# %% ../nbs/55_generate.ipynb #5bee5e4a
+# %% ../nbs/55_generate.ipynb #36ca630e
 def completed_row(prompt: PromptRow, # the prompt
                   text: str, # generated text (the stop token removed)
                  ) -> dict: # a training row
@@ -159,7 +158,7 @@ def completed_row(prompt: PromptRow, # the prompt
     if 'prompt' in prompt.row: return {'prompt': prompt.row['prompt'], 'teacher_text': text, 'metadata': prompt.row['metadata']}
     return {**prompt.row, 'messages': [*prompt.row['messages'], {'role': 'assistant', 'content': text}]}
 
-# %% ../nbs/55_generate.ipynb #9434e1cc
+# %% ../nbs/55_generate.ipynb #4ff96761
 def load_generation_tokenizer(path): # tokenizer.json, a kd_lib folder holding one, or a Hugging Face tokenizer folder
     "A Hugging Face tokenizer (with its chat template) when the folder has one, else a tokenizers.Tokenizer."
     path = Path(path)
@@ -177,7 +176,7 @@ def teacher_fingerprint(folder) -> str:
     kind = 'checkpoint' if raw.get('architecture') == 'StudentLM' else 'hf'
     return f'{kind}:' + files_fingerprint([p for p in Path(folder).iterdir() if p.suffix in ('.json', '.safetensors')])
 
-# %% ../nbs/55_generate.ipynb #363e1f44
+# %% ../nbs/55_generate.ipynb #b0d24811
 def metadata_path(out) -> Path: return Path(out).with_suffix('.meta.json')
 
 def _file_sha(path) -> str:
@@ -204,7 +203,7 @@ def _check_resume(meta_path: Path, settings: dict) -> None:
             raise ValueError(f'{meta_path}: settings.{key} was {old.get(key)!r}, now {settings[key]!r}: '
                              'the output was made with other settings (write to a new file)')
 
-# %% ../nbs/55_generate.ipynb #e90af7cc
+# %% ../nbs/55_generate.ipynb #cab842ee
 def generate_dataset(teacher, # a kd_lib model folder or a Hugging Face causal LM folder
                      prompts, # prompts JSONL (tag or chat rows)
                      out, # output JSONL (resumed when it exists)
