@@ -105,6 +105,10 @@ class DistillationConfig:
     intermediate_loss: Literal['mse', 'cosine'] = _key('mse', 'hidden-state matching loss')
     layer_map: list[int] = _key([], 'teacher layer for each student layer; empty means uniform')
     self_eval_weight: float = _key(0.0, 'weight of the self-evaluation head loss', ge=0)
+    on_policy_fraction: float = _key(0.0, 'on-policy KD: share of steps (drawn at random) on which the student samples the completions '
+                                     'the teacher scores; 0 = off', ge=0, le=1)
+    on_policy_temperature: float = _key(1.0, 'on-policy KD: sampling temperature of the student (0: greedy)', ge=0)
+    on_policy_max_new_tokens: int = _key(64, 'on-policy KD: tokens the student samples per prompt', ge=1)
 
 @dataclass(frozen=True)
 class ProcessConfig:
@@ -227,6 +231,8 @@ def cross_section_errors(cfg: 'Config') -> list[tuple[str, str]]:
          'mass only at temperature 1)'),
         (d.intermediate_weight > 0 and (t.kind not in WHITE_BOX_TEACHERS or stage == 'teacher'), 'distillation.intermediate_weight',
          f'needs a white-box teacher (teacher.kind {list(WHITE_BOX_TEACHERS)}), got {t.kind!r}'),
+        (d.on_policy_fraction > 0 and (t.kind not in WHITE_BOX_TEACHERS or stage == 'teacher'), 'distillation.on_policy_fraction',
+         f'{d.on_policy_fraction} needs a white-box teacher to score the samples (teacher.kind {list(WHITE_BOX_TEACHERS)}), got {t.kind!r}'),
         (d.self_eval_weight > 0 and not cfg.model.self_eval_head, 'distillation.self_eval_weight',
          'needs model.self_eval_head: true (the head that is trained)'),
         (cfg.process.caws_weight > 0 and not cfg.process.caws_policy, 'process.caws_policy',
