@@ -152,13 +152,14 @@ class KDObjective:
         code_rows = [b for b, m in enumerate(batch['metadata']) if code_mode_eligible(m, self.cfg.code_mode)] if self.preference else []
         if code_rows: labels = labels.index_fill(0, torch.tensor(code_rows, device=labels.device), IGNORE_INDEX)
         out = self._forward(model, batch)
+        x = TermInputs(self, model, batch, out, labels, direct_labels, code_rows, step)
+        # the terms are built before KD + CE and added after them: the autograd order (so the gradient, bit for bit) of the seed's recipes
+        weighted = [(config_value(self.cfg, t.weight_key) if t.weighted else 1.0, t.loss(x)) for t in self.terms.values()]
         total, components = kd_ce_loss(labels, **self._student(model, out), **self._teacher(batch), opts=self.options,
                                        num_kept_tokens=num_kept_tokens)
         components = dict(components)
-        x = TermInputs(self, model, batch, out, labels, direct_labels, code_rows, step)
-        for term in self.terms.values():
-            weight = config_value(self.cfg, term.weight_key) if term.weighted else 1.0
-            for name, loss in term.loss(x).items():
+        for weight, losses in weighted:
+            for name, loss in losses.items():
                 total = total + weight * loss
                 components[name] = upcast(loss.detach())
         components['total'] = total.detach()
