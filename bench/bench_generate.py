@@ -2,7 +2,6 @@
 the same shape (both through kd_lib.generate.sample_completions), and the time of an on-policy training step against
 an off-policy one. Run: PYTHONPATH=. python bench/bench_generate.py"""
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -18,19 +17,10 @@ from kd_lib.synth import generate_episodes, write_jsonl
 from kd_lib.teachers import CheckpointTeacher
 from kd_lib.tokenizer import build_tokenizer
 
+from bench_models import median_time  # bench/ is on sys.path when a bench script runs
+
 SHAPE = dict(vocab_size=2048, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=256)
 BATCH, PROMPT, NEW = 8, 48, 48
-
-
-def median_time(fn, repeats=3):
-    "Median wall time of `fn()` after one warm-up call."
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
@@ -56,8 +46,8 @@ def generation_rows(models: dict) -> None:
     for name, model in models.items():
         cached = sample_completions(model, prompt.tolist(), SamplingConfig(max_new_tokens=NEW), [0] * BATCH)
         assert torch.equal(torch.tensor(cached), uncached_greedy(model, prompt, NEW)), name  # the same tokens either way
-        t_cache = median_time(lambda: sample_completions(model, prompt.tolist(), SamplingConfig(max_new_tokens=NEW), [0] * BATCH))
-        t_plain = median_time(lambda: uncached_greedy(model, prompt, NEW))
+        t_cache = median_time(lambda: sample_completions(model, prompt.tolist(), SamplingConfig(max_new_tokens=NEW), [0] * BATCH), repeats=3)
+        t_plain = median_time(lambda: uncached_greedy(model, prompt, NEW), repeats=3)
         n = BATCH * NEW
         print(f'{name:<22}{n / t_cache:>10.0f}{n / t_plain:>10.0f}{t_plain / t_cache:>7.1f}x')
 
@@ -82,7 +72,7 @@ def objective_step_rows(student: StudentLM) -> None:
         def run():
             student.zero_grad()
             objective(student, batch, None, 0)[0].backward()
-        return median_time(run)
+        return median_time(run, repeats=3)
     off, on = step(0.0), step(1.0)
     print(f'\ntraining step, batch {BATCH} (prompts of the synthetic episodes), on-policy samples {NEW} tokens per row')
     print(f'{"off-policy step":<22}{off * 1e3:>8.0f} ms\n{"on-policy step":<22}{on * 1e3:>8.0f} ms\n{"ratio":<22}{on / off:>8.1f}x')
