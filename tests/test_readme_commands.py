@@ -34,6 +34,7 @@ SCALE_DOWN = {
     '.venv/bin/kd-lib eval --models ce=runs/default/ce/final kd=runs/default/kd/final --tokenizer runs/default/data/tokenizer.json '
     '--eval-path runs/default/data/eval.jsonl --out-dir runs/eval': (' --max-examples 4 --max-new-tokens 24', {}),
     'make kd': ('', {'ARGS': TINY_SET}),
+    '.venv/bin/kd-lib export runs/default/kd/final --to hf runs/kd_hf': ('', {}),  # the tiny pipeline's KD student
 }
 
 
@@ -132,3 +133,4 @@ def test_readme_commands_run(tmp_path):
     for folder in ('my_kd', 'ddp', 'stages/kd'): assert (runs / folder / 'final' / 'model.safetensors').exists(), folder
     assert read_metrics(runs / 'my_kd', split='train')[-1]['step'] == 6  # `train` resumed the papermill run
     assert set(json.loads((runs / 'eval' / 'eval_results.json').read_text())['models']) == {'ce', 'kd'}
+    assert json.loads((runs / 'kd_hf' / 'config.json').read_text())['architectures'] == ['LlamaForCausalLM']
