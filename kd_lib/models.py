@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
@@ -205,23 +206,12 @@ class StudentLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.halt_head = nn.Linear(cfg.d_model, 1) if cfg.halt_head else None
         self.self_eval_head = nn.Linear(cfg.d_model, 1) if cfg.self_eval_head else None
-        self.register_buffer('rotary', rotary_table(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer('rotary', rotary_table(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta),
+                             persistent=False)
         self.apply(self._init_weights)
         for block in self.blocks:  # GPT-2: residual projections get std / sqrt(2 * n_layers)
             for w in (block.attn.proj.weight, block.mlp.w2.weight):
                 nn.init.normal_(w, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None: nn.init.zeros_(module.bias)
-
-    @property
-    def output_weight(self) -> torch.Tensor:
-        "The [V, D] output head weight (the embedding matrix when tied)."
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
-
-    def get_input_embeddings(self) -> nn.Embedding: return self.embed
-    def get_output_embeddings(self) -> nn.Linear | None: return self.lm_head  # None when tied to the embedding
 
     def forward(self,
                 input_ids: torch.Tensor | None = None, # [B, T] token ids
@@ -243,7 +233,8 @@ class StudentLM(nn.Module):
             rot = self.rotary[:, positions][:, :, None]
             mask = attention_mask_4d(key_mask, T) if cache.has_padding or (past and T > 1) else None
         elif attention_mask is not None and not bool(attention_mask.all()):
-            rot, mask = self.rotary[:, positions_from_mask(attention_mask)][:, :, None], attention_mask_4d(attention_mask.bool(), T)
+            rot, mask = (self.rotary[:, positions_from_mask(attention_mask)][:, :, None],
+                         attention_mask_4d(attention_mask.bool(), T))
         else: rot, mask = self.rotary[:, :T][:, None, None], None
         x = self.drop(x)
         hidden = [x] if output_hidden_states else None
@@ -258,108 +249,109 @@ class StudentLM(nn.Module):
 
     def _self_eval(self, h, attention_mask):
         "Sigmoid of the self-eval head at each row's last real token."
-        last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
+        last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
+                                                          last_real_index(attention_mask)]
         return torch.sigmoid(self.self_eval_head(last).squeeze(-1))
 
-    @torch.no_grad()
-    def prefill(self,
-                input_ids: torch.Tensor, # [B, T] prompt ids (left or right padded)
-                attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
-               ) -> tuple[KVCache, torch.Tensor]: # the cache and [B, V] next-token logits
-        "Run a prompt into a fresh KV cache."
-        cache = KVCache(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
-        return cache, self.step(input_ids, cache, attention_mask)
+# %% ../nbs/10_models.ipynb #e5cad933
+@patch
+def _init_weights(self: StudentLM, module):
+    if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, std=self.cfg.init_std)
+    if isinstance(module, nn.Linear) and module.bias is not None: nn.init.zeros_(module.bias)
 
-    @torch.no_grad()
-    def step(self,
-             input_ids: torch.Tensor, # [B, T] tokens to append (T >= 1)
-             cache: KVCache, # the running generation (updated in place)
+@patch(as_prop=True)
+def output_weight(self: StudentLM) -> torch.Tensor:
+    "The [V, D] output head weight (the embedding matrix when tied)."
+    return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+@patch
+def get_input_embeddings(self: StudentLM) -> nn.Embedding: return self.embed
+@patch
+def get_output_embeddings(self: StudentLM) -> nn.Linear | None: return self.lm_head  # None when tied to the embedding
+
+# %% ../nbs/10_models.ipynb #bff8303b
+@patch
+@torch.no_grad()
+def prefill(self: StudentLM,
+            input_ids: torch.Tensor, # [B, T] prompt ids (left or right padded)
+            attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
+           ) -> tuple[KVCache, torch.Tensor]: # the cache and [B, V] next-token logits
+    "Run a prompt into a fresh KV cache."
+    cache = KVCache(self.cfg.n_layers, input_ids.shape[0], input_ids.device)
+    return cache, self.step(input_ids, cache, attention_mask)
+
+@patch
+@torch.no_grad()
+def step(self: StudentLM,
+         input_ids: torch.Tensor, # [B, T] tokens to append (T >= 1)
+         cache: KVCache, # the running generation (updated in place)
+         attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
+         inputs_embeds: torch.Tensor | None = None, # [B, T, D] used instead of embedding input_ids (latent slots)
+        ) -> torch.Tensor: # [B, V] logits after each row's last real token (meaningless for all-padding rows)
+    "Append tokens to the cache and return the next-token logits (the last hidden state goes to `cache.next_hidden`)."
+    h = self(input_ids, attention_mask, compute_logits=False, inputs_embeds=inputs_embeds, cache=cache).last_hidden
+    last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device),
+                                                      last_real_index(attention_mask)]
+    cache.next_hidden = last
+    cache.next_logits = F.linear(last, self.output_weight)
+    return cache.next_logits
+
+@patch
+@torch.no_grad()
+def decode(self: StudentLM,
+           cache: KVCache, # from `prefill` (updated in place)
+           next_logits: torch.Tensor, # [B, V] from `prefill` or `step`
+           max_new_tokens: int = 64, # generation budget
+           temperature: float = 0.0, # 0: greedy
+           top_k: int | None = None, # sample among the k most likely
+           stop_ids=(), # token ids that end a row (included in the output)
+           generator: torch.Generator | None = None, # random source for sampling
+           pad_id: int = 0, # fills rows that already stopped
+           return_logits: bool = False, # also return the logits each token was sampled from
+           continue_cache: bool = True, # feed the last sampled tokens too, so the cache can continue
+           finished: torch.Tensor | None = None, # [B] bool rows that generate nothing (e.g. already answered)
+          ) -> Generation:
+    "Sample up to `max_new_tokens` tokens per row, stopping each row at a token in `stop_ids`."
+    B, device = next_logits.shape[0], next_logits.device
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device) if finished is None else finished.to(device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    tokens, seen_logits = [], []
+    for i in range(max_new_tokens):
+        tok = sample_next(next_logits, temperature, top_k, generator).masked_fill(done, pad_id)
+        tokens.append(tok)
+        if return_logits: seen_logits.append(next_logits)
+        done_before = done
+        lengths += ~done_before
+        done = done | torch.isin(tok, stop)
+        last = i == max_new_tokens - 1 or bool(done.all())
+        if continue_cache or not last:  # rows that had stopped feed padding (mask 0)
+            next_logits = self.step(tok.masked_fill(done_before, 0)[:, None], cache, (~done_before)[:, None].long())
+        if last: break
+    new = torch.stack(tokens, 1) if tokens else torch.zeros(B, 0, dtype=torch.long, device=device)
+    return Generation(tokens=new, lengths=lengths, logits=torch.stack(seen_logits, 1) if seen_logits else None)
+
+@patch
+@torch.no_grad()
+def generate(self: StudentLM,
+             input_ids: torch.Tensor, # [B, T] prompt ids (left or right padded)
              attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
-             inputs_embeds: torch.Tensor | None = None, # [B, T, D] used instead of embedding input_ids (latent slots)
-            ) -> torch.Tensor: # [B, V] logits after each row's last real token (meaningless for all-padding rows)
-        "Append tokens to the cache and return the next-token logits (the last hidden state goes to `cache.next_hidden`)."
-        h = self(input_ids, attention_mask, compute_logits=False, inputs_embeds=inputs_embeds, cache=cache).last_hidden
-        last = h[:, -1] if attention_mask is None else h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
-        cache.next_hidden = last
-        cache.next_logits = F.linear(last, self.output_weight)
-        return cache.next_logits
-
-    @torch.no_grad()
-    def decode(self,
-               cache: KVCache, # from `prefill` (updated in place)
-               next_logits: torch.Tensor, # [B, V] from `prefill` or `step`
-               max_new_tokens: int = 64, # generation budget
-               temperature: float = 0.0, # 0: greedy
-               top_k: int | None = None, # sample among the k most likely
-               stop_ids=(), # token ids that end a row (included in the output)
-               generator: torch.Generator | None = None, # random source for sampling
-               pad_id: int = 0, # fills rows that already stopped
-               return_logits: bool = False, # also return the logits each token was sampled from
-               continue_cache: bool = True, # feed the last sampled tokens too, so the cache can continue
-               finished: torch.Tensor | None = None, # [B] bool rows that generate nothing (e.g. already answered)
-              ) -> Generation:
-        "Sample up to `max_new_tokens` tokens per row, stopping each row at a token in `stop_ids`."
-        B, device = next_logits.shape[0], next_logits.device
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device) if finished is None else finished.to(device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        tokens, seen_logits = [], []
-        for i in range(max_new_tokens):
-            tok = sample_next(next_logits, temperature, top_k, generator).masked_fill(done, pad_id)
-            tokens.append(tok)
-            if return_logits: seen_logits.append(next_logits)
-            done_before = done
-            lengths += ~done_before
-            done = done | torch.isin(tok, stop)
-            last = i == max_new_tokens - 1 or bool(done.all())
-            if continue_cache or not last:  # rows that had stopped feed padding (mask 0)
-                next_logits = self.step(tok.masked_fill(done_before, 0)[:, None], cache, (~done_before)[:, None].long())
-            if last: break
-        new = torch.stack(tokens, 1) if tokens else torch.zeros(B, 0, dtype=torch.long, device=device)
-        return Generation(tokens=new, lengths=lengths, logits=torch.stack(seen_logits, 1) if seen_logits else None)
-
-    @torch.no_grad()
-    def generate(self,
-                 input_ids: torch.Tensor, # [B, T] prompt ids (left or right padded)
-                 attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
-                 max_new_tokens: int = 64, # generation budget
-                 temperature: float = 0.0, # 0: greedy
-                 top_k: int | None = None, # sample among the k most likely
-                 stop_ids=(), # token ids that end a row (included in the output)
-                 generator: torch.Generator | None = None, # random source for sampling
-                 pad_id: int = 0, # fills rows that already stopped
-                 return_logits: bool = False, # also return the logits each token was sampled from
-                ) -> Generation:
-        "KV-cached batched generation (eval mode): `prefill` then `decode`."
-        was_training = self.training
-        self.eval()
-        cache, next_logits = self.prefill(input_ids, attention_mask)
-        out = self.decode(cache, next_logits, max_new_tokens, temperature, top_k, stop_ids, generator, pad_id,
-                          return_logits, continue_cache=False)
-        self.train(was_training)
-        return out
-
-    def save_pretrained(self, folder) -> Path:
-        "Write model.safetensors and config.json into `folder` (created if needed)."
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(folder / 'model.safetensors'))
-        meta = dict(architecture='StudentLM', arch_fingerprint=arch_fingerprint(self.cfg), model=asdict(self.cfg))
-        (folder / 'config.json').write_text(json.dumps(meta, indent=2) + '\n', encoding='utf-8')
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder, device=None) -> 'StudentLM':
-        "Load a model folder (config.json + model.safetensors) onto `device`, in eval mode."
-        cfg = read_model_config(folder)
-        weights = Path(folder) / 'model.safetensors'
-        if not weights.is_file(): raise FileNotFoundError(f'{weights}: not found')
-        device = torch.device(device or 'cpu')
-        with device: model = cls(cfg)
-        try: load_model(model, str(weights), strict=True, device=str(device))
-        except (RuntimeError, SafetensorError) as e:
-            raise ValueError(f'{weights}: the weights do not match {Path(folder) / "config.json"}: {e}') from None
-        return model.eval()
+             max_new_tokens: int = 64, # generation budget
+             temperature: float = 0.0, # 0: greedy
+             top_k: int | None = None, # sample among the k most likely
+             stop_ids=(), # token ids that end a row (included in the output)
+             generator: torch.Generator | None = None, # random source for sampling
+             pad_id: int = 0, # fills rows that already stopped
+             return_logits: bool = False, # also return the logits each token was sampled from
+            ) -> Generation:
+    "KV-cached batched generation (eval mode): `prefill` then `decode`."
+    was_training = self.training
+    self.eval()
+    cache, next_logits = self.prefill(input_ids, attention_mask)
+    out = self.decode(cache, next_logits, max_new_tokens, temperature, top_k, stop_ids, generator, pad_id,
+                      return_logits, continue_cache=False)
+    self.train(was_training)
+    return out
 
 # %% ../nbs/10_models.ipynb #bdef5519
 def arch_fingerprint(cfg: ModelConfig) -> str:
@@ -376,10 +368,37 @@ def count_parameters(model: nn.Module, # any module; shared (tied) tensors count
 def read_model_config(folder) -> ModelConfig:
     "The validated `ModelConfig` of a kd_lib model folder (its config.json)."
     path = Path(folder) / 'config.json'
-    if not path.is_file(): raise FileNotFoundError(f'{path}: not found (a kd_lib model folder holds config.json and model.safetensors)')
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: not found (a kd_lib model folder holds config.json and model.safetensors)')
     try: raw = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e: raise ConfigError(f'{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}') from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}') from None
     if not isinstance(raw, dict) or raw.get('architecture') != 'StudentLM' or not isinstance(raw.get('model'), dict):
-        raise ConfigError(f"{path}: architecture: expected a kd_lib model config {{'architecture': 'StudentLM', 'model': {{...}}}} "
+        raise ConfigError(f"{path}: architecture: expected a kd_lib model config "
+                          f"{{'architecture': 'StudentLM', 'model': {{...}}}} "
                           "(a Hugging Face folder is loaded with teacher.kind=hf)")
     return config_from_dict({'model': raw['model']}, source=str(path)).model
+
+# %% ../nbs/10_models.ipynb #2042a60b
+@patch
+def save_pretrained(self: StudentLM, folder) -> Path:
+    "Write model.safetensors and config.json into `folder` (created if needed)."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(self, str(folder / 'model.safetensors'))
+    meta = dict(architecture='StudentLM', arch_fingerprint=arch_fingerprint(self.cfg), model=asdict(self.cfg))
+    (folder / 'config.json').write_text(json.dumps(meta, indent=2) + '\n', encoding='utf-8')
+    return folder
+
+@patch(cls_method=True)
+def from_pretrained(cls: StudentLM, folder, device=None) -> StudentLM:
+    "Load a model folder (config.json + model.safetensors) onto `device`, in eval mode."
+    cfg = read_model_config(folder)
+    weights = Path(folder) / 'model.safetensors'
+    if not weights.is_file(): raise FileNotFoundError(f'{weights}: not found')
+    device = torch.device(device or 'cpu')
+    with device: model = cls(cfg)
+    try: load_model(model, str(weights), strict=True, device=str(device))
+    except (RuntimeError, SafetensorError) as e:
+        raise ValueError(f'{weights}: the weights do not match {Path(folder) / "config.json"}: {e}') from None
+    return model.eval()
