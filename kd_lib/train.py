@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['lr_factor', 'build_optimizer', 'DistInfo', 'init_distributed', 'close_distributed', 'kept_tokens', 'step_counts',
-           'WithAux', 'BatchStream', 'nonfinite_hook_from_env', 'TrainResult', 'Trainer']
+           'WithAux', 'checkpoint_blocks', 'shard_fsdp', 'BatchStream', 'nonfinite_hook_from_env', 'TrainResult',
+           'Trainer']
 
 # %% ../nbs/40_train.ipynb #8ea0cf31
 import contextlib
@@ -14,13 +15,18 @@ import math
 import os
 import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -105,6 +111,19 @@ class WithAux(nn.Module):
         try: return super().__getattr__(name)
         except AttributeError: return getattr(self._modules['model'], name)  # the model's attributes (output_weight, embed ...)
 
+def checkpoint_blocks(model: nn.Module):
+    "Recompute each transformer block's activations in the backward pass (training.activation_checkpointing)."
+    for block in model.blocks: block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+def shard_fsdp(model: nn.Module, # a model with `.blocks`
+               root: nn.Module, # the model, or a `WithAux` holding it
+               param_dtype: torch.dtype, # compute dtype of the parameters (bf16 when training.precision is bf16)
+              ) -> nn.Module: # the sharded root
+    "FSDP2: shard every transformer block, then the root; gradients are reduced in fp32."
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks: fully_shard(block, mp_policy=mp)
+    return fully_shard(root, mp_policy=mp, reshard_after_forward=False)  # the loss reads root weights after the forward
+
 # %% ../nbs/40_train.ipynb #65d018d4
 class BatchStream:
     "Endless, resumable stream of collated micro-batches from a batch sampler."
@@ -179,13 +198,17 @@ class Trainer:
         self.info = info or DistInfo()
         self.model, self.aux = model.to(self.device), aux.to(self.device) if aux is not None else None
         ranks_gpu = [self.device.index] if self.device.index is not None and self.device.type == 'cuda' else None
+        self.amp_dtype = autocast_dtype(self.device, cfg.training.precision)
+        if cfg.training.activation_checkpointing: checkpoint_blocks(self.model)
         trained = self.model if self.aux is None else WithAux(self.model, self.aux)
-        self.ddp = DistributedDataParallel(trained, device_ids=ranks_gpu) if self.info.world_size > 1 else self.model
+        self.fsdp = cfg.training.parallel == 'fsdp' and self.info.world_size > 1
+        if self.fsdp: self.ddp = shard_fsdp(self.model, trained, self.amp_dtype)
+        elif self.info.world_size > 1: self.ddp = DistributedDataParallel(trained, device_ids=ranks_gpu)
+        else: self.ddp = self.model
         params = list(self.model.named_parameters()) + (list(self.aux.named_parameters()) if self.aux is not None else [])
         self.params = [p for _, p in params if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(params, cfg.training)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.training.ema_decay), use_buffers=True) if cfg.training.ema_decay > 0 else None
-        self.amp_dtype = autocast_dtype(self.device, cfg.training.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         self.fingerprints = fingerprints or {}
         c = cfg.checkpoint
@@ -200,11 +223,29 @@ class Trainer:
         "The weights to evaluate and ship: the moving average when `training.ema_decay` > 0, else the model."
         return self.ema.module if self.ema is not None else self.model
 
+    def _weights(self) -> tuple[dict, dict, dict]:
+        "Model, aux and optimizer state dicts; under FSDP full tensors on CPU, gathered from every rank (all must call)."
+        aux = self.aux if self.aux is not None else nn.Module()
+        if not self.fsdp: return self.model.state_dict(), aux.state_dict(), self.optimizer.state_dict()
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=full), get_model_state_dict(aux, options=full),
+                get_optimizer_state_dict(self.ddp, self.optimizer, options=full))
+
+    def _load_weights(self, s: dict):
+        if not self.fsdp:
+            self.model.load_state_dict(s['model'])
+            if self.aux is not None: self.aux.load_state_dict(s['aux'])
+            return self.optimizer.load_state_dict(s['optimizer'])
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, s['model'], options=full)
+        if self.aux is not None: set_model_state_dict(self.aux, s['aux'], options=full)
+        set_optimizer_state_dict(self.ddp, self.optimizer, s['optimizer'], options=full)
+
     def state(self) -> dict:
         "Everything needed to resume exactly."
-        return {'model': self.model.state_dict(), 'aux': self.aux.state_dict() if self.aux is not None else {},
-                'ema': self.ema.state_dict() if self.ema is not None else {},
-                'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+        model, aux, optimizer = self._weights()
+        return {'model': model, 'aux': aux, 'ema': self.ema.state_dict() if self.ema is not None else {},
+                'optimizer': optimizer, 'scheduler': self.scheduler.state_dict(),
                 'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
                 'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
 
@@ -212,9 +253,7 @@ class Trainer:
         "Load the newest complete checkpoint (or `path`); False when there is none."
         if path is None and self.ckpt.latest() is None: return False
         s = self.ckpt.load(path, expect=self.fingerprints or None, force=force)
-        self.model.load_state_dict(s['model'])
-        if self.aux is not None: self.aux.load_state_dict(s['aux'])
-        self.optimizer.load_state_dict(s['optimizer'])
+        self._load_weights(s)
         self.scheduler.load_state_dict(s['scheduler'])
         self.scaler.load_state_dict(s['scaler'])
         if self.ema is not None and s.get('ema'): self.ema.load_state_dict(s['ema'])  # else the first update starts it from these weights
@@ -225,7 +264,8 @@ class Trainer:
         return True
 
     def _save(self, metrics=None):
-        if self.info.is_main: self.ckpt.save(self.step, self.state(), metrics=metrics)
+        state = self.state() if self.info.is_main or self.fsdp else None  # FSDP: every rank gathers the weights
+        if self.info.is_main: self.ckpt.save(self.step, state, metrics=metrics)
         if self.info.world_size > 1: dist.barrier()
 
     def _micro_batches(self) -> tuple[list, dict]:
@@ -238,7 +278,7 @@ class Trainer:
         mbs, counts = self._micro_batches()
         total, comps = 0.0, {}
         for i, mb in enumerate(mbs):
-            sync = i == len(mbs) - 1 or self.info.world_size == 1
+            sync = i == len(mbs) - 1 or self.info.world_size == 1 or self.fsdp  # FSDP reduces every micro-batch
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                 loss, parts = self.loss_fn(self.ddp, mb, counts, self.step)
@@ -249,6 +289,7 @@ class Trainer:
             for k, v in parts.items(): comps[k] = comps.get(k, 0.0) + float(v)
         clip = self.cfg.training.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float('inf'))
+        if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor
         loss_value = float(_all_reduce_sum(total.clone(), self.info)) if torch.is_tensor(total) else total
         return loss_value, comps, float(grad_norm)
 
