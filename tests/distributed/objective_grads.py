@@ -36,7 +36,9 @@ class LiveTeacher:
         with torch.no_grad(): return self.model(ids, mask, output_hidden_states=True, compute_logits=False).hidden_states
 
 
-def main(data: Path, out: Path, micro_batch: int, grad_accum: int, parallel: str = 'ddp', code_mode: str = 'code'):
+def build_trainer(data: Path, run_dir: Path, micro_batch: int, grad_accum: int, parallel: str = 'ddp', code_mode: str = 'code',
+                  steps: int = 2) -> tuple:
+    "(trainer, student, objective) of the full objective over rows 0..7 per step."
     info = init_distributed(torch.device('cpu'))
     tokenizer = load_tokenizer(data/'tokenizer.json')
     dataset = KDDataset(data/'train.jsonl', tokenizer, max_length=256)
@@ -46,14 +48,20 @@ def main(data: Path, out: Path, micro_batch: int, grad_accum: int, parallel: str
     code = {} if parallel == 'fsdp' or code_mode == 'nocode' else {'code_mode': CODE_MODE}
     sections = {**SECTIONS, **code, 'process': {**SECTIONS['process'], 'caws_weight': 0.1, 'caws_policy': str(data/'caws.yaml')}}
     cfg = config_from_dict({'model': {**MODEL, **HEADS}, 'teacher': {'kind': 'checkpoint', 'path': 'x'}, **sections,
-                            'training': dict(steps=2, batch_size=micro_batch, grad_accum=grad_accum, lr=1e-3, grad_clip=0.0,
+                            'training': dict(steps=steps, batch_size=micro_batch, grad_accum=grad_accum, lr=1e-3, grad_clip=0.0,
                                              parallel=parallel, activation_checkpointing=parallel == 'fsdp'),
                             'checkpoint': dict(min_free_space_gb=0.0), 'tracing': dict(tensorboard=False, progress=False)})
     seed_everything(0)
     student = StudentLM(ModelConfig(**MODEL, **HEADS))
     objective = KDObjective(cfg, LiveTeacher(StudentLM(ModelConfig(**MODEL))), tokenizer, student=student)
-    trainer = Trainer(cfg, out.parent/f'run-{out.stem}', student, BatchStream(dataset, sampler, dataset.collate, info), objective,
+    trainer = Trainer(cfg, run_dir, student, BatchStream(dataset, sampler, dataset.collate, info), objective,
                       aux=objective.projector, device=torch.device('cpu'), info=info)
+    return trainer, student, objective
+
+
+def main(data: Path, out: Path, micro_batch: int, grad_accum: int, *options):
+    trainer, student, objective = build_trainer(data, out.parent/f'run-{out.stem}', micro_batch, grad_accum, *options)
+    info = trainer.info
     loss, comps, _ = trainer.train_step()
     grads = {f'model.{n}': p.grad for n, p in student.named_parameters() if p.grad is not None}
     grads.update({f'aux.{n}': p.grad for n, p in objective.projector.named_parameters()})
