@@ -202,6 +202,8 @@ class Trainer:
         if cfg.training.activation_checkpointing: checkpoint_blocks(self.model)
         trained = self.model if self.aux is None else WithAux(self.model, self.aux)
         self.fsdp = cfg.training.parallel == 'fsdp' and self.info.world_size > 1
+        if self.fsdp and eval_fn is not None:  # evaluation runs on rank 0 alone, a sharded forward needs every rank
+            raise ConfigError('training.parallel: fsdp does not evaluate during training yet (run with --no-eval, or use ddp)')
         if self.fsdp: self.ddp = shard_fsdp(self.model, trained, self.amp_dtype)
         elif self.info.world_size > 1: self.ddp = DistributedDataParallel(trained, device_ids=ranks_gpu)
         else: self.ddp = self.model
