@@ -181,10 +181,13 @@ class TrainingConfig:
     eval_batch_size: int = _key(32, 'held-out episodes generated together', ge=1)
     max_nonfinite: int = _key(5, 'stop (with a checkpoint) after this many non-finite losses in a row', ge=1)
     deterministic: bool = _key(False, 'ask torch for deterministic kernels')
+    parallel: Literal['ddp', 'fsdp'] = _key('ddp', "with several processes: 'ddp' replicates the model, 'fsdp' shards it (FSDP2)")
+    activation_checkpointing: bool = _key(False, "recompute each block's activations in the backward pass (less memory)")
     ema_decay: float = _key(0.0, 'decay of a moving average of the weights that is evaluated and saved as the final model; 0: off', ge=0)
 
     def _check(self):
         if self.ema_decay >= 1: yield 'ema_decay', f'{self.ema_decay} must be below 1 (the average would never move)'
+        if self.parallel == 'fsdp' and self.ema_decay > 0: yield 'ema_decay', 'a moving average needs training.parallel: ddp'
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -233,6 +236,8 @@ def cross_section_errors(cfg: 'Config') -> list[tuple[str, str]]:
          f'needs a white-box teacher (teacher.kind {list(WHITE_BOX_TEACHERS)}), got {t.kind!r}'),
         (d.on_policy_fraction > 0 and (t.kind not in WHITE_BOX_TEACHERS or stage == 'teacher'), 'distillation.on_policy_fraction',
          f'{d.on_policy_fraction} needs a white-box teacher to score the samples (teacher.kind {list(WHITE_BOX_TEACHERS)}), got {t.kind!r}'),
+        (cfg.code_mode.enabled and cfg.training.parallel == 'fsdp', 'code_mode.enabled',
+         "needs training.parallel: ddp (FSDP ranks must run the same forward passes; code-mode rows differ per rank)"),
         (d.self_eval_weight > 0 and not cfg.model.self_eval_head, 'distillation.self_eval_weight',
          'needs model.self_eval_head: true (the head that is trained)'),
         (cfg.process.caws_weight > 0 and not cfg.process.caws_policy, 'process.caws_policy',

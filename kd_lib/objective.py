@@ -20,12 +20,12 @@ from .config import Config, ConfigError
 from .evaluate import needed_calls
 from .fused import kd_ce_loss
 from .generate import SamplingConfig, sample_completions
-from .halt_targets import halt_loss
+from .halt_targets import batch_halt_targets
 from .latent import latent_batch, latent_forward, latent_stage, prompt_lengths
 from .losses import IGNORE_INDEX, KDOptions, upcast
 from .process_losses import (CodeModePreferenceLoss, IntermediateProjector, caws_compliance_loss, early_tool_call_loss,
-                                   intermediate_layer_loss, length_aware_kd_loss, load_caws_policy, self_eval_targets,
-                                   self_evaluation_loss, span_token_ce)
+                                   halt_head_loss, intermediate_layer_loss, length_aware_kd_loss, load_caws_policy,
+                                   self_eval_targets, self_evaluation_loss, span_token_ce)
 from .tokenizer import EOS, TOOL_CALL, TOOL_RESULT_END, backend_tokenizer
 
 # %% ../nbs/60_objective.ipynb #bd2462bb
@@ -33,9 +33,9 @@ from .tokenizer import EOS, TOOL_CALL, TOOL_RESULT_END, backend_tokenizer
 class TermInputs:
     "What a loss term reads at one micro-batch."
     objective: 'KDObjective' # the objective (config, token ids, teacher, projector)
-    model: nn.Module # the student (maybe wrapped by DDP)
+    model: nn.Module | None # the student (maybe wrapped by DDP; None when only counting)
     batch: dict # collated batch
-    out: object # the student's LMOutput
+    out: object # the student's LMOutput (None when only counting)
     labels: torch.Tensor # [B, T] labels of this stage (-100 where no loss is taken)
     direct_labels: torch.Tensor # [B, T] labels before code-mode rows were masked out
     code_rows: list # indices of the rows trained on their code rendering
@@ -46,7 +46,8 @@ class TermInputs:
 class Term:
     "One row of the objective: a config weight key, the loss it weighs and what that loss needs."
     weight_key: str # dotted config key of the weight, e.g. 'process.tool_name_weight'
-    loss: Callable # TermInputs -> {component name: scalar loss}
+    loss: Callable # TermInputs -> {component name: scalar loss, a mean over this micro-batch's units}
+    count: Callable # TermInputs -> {component name: this micro-batch's units (tokens, rows) the mean is over}
     needs_logits: bool = False # reads the full [B, T, V] student logits
     enabled_key: str = '' # a boolean config key that must be on too (e.g. 'halting.enabled')
     weighted: bool = True # False: the loss applies its weight itself (the objective adds it with weight 1)
@@ -60,12 +61,20 @@ def config_value(cfg: Config, key: str):
 def _span_ce(x: TermInputs, mask: str, name: str) -> dict:
     return {name: span_token_ce(x.out.logits, x.labels, x.batch[mask])}
 
+def _span_tokens(x: TermInputs, mask: str, name: str) -> dict: return {name: (x.batch[mask] & (x.labels != IGNORE_INDEX)).sum()}
+
+def _rows(*names) -> Callable:
+    "Count function of terms that are means over the rows of a batch."
+    return lambda x: {n: torch.tensor(x.labels.shape[0], device=x.labels.device) for n in names}
+
 def _length(x: TermInputs) -> dict:
     return {'length': length_aware_kd_loss(x.out.logits, x.labels, x.objective.eos_id, x.objective.cfg.process.length_budget)}
 
+def _needs_call(x: TermInputs) -> torch.Tensor:
+    return torch.tensor([bool(needed_calls(m)) for m in x.batch['metadata']], device=x.labels.device)
+
 def _early_tool_call(x: TermInputs) -> dict:
-    needs_call = torch.tensor([bool(needed_calls(m)) for m in x.batch['metadata']], device=x.labels.device)
-    return {'early_tool_call': early_tool_call_loss(x.out.logits, x.labels, x.objective.tool_call_id, needs_call)}
+    return {'early_tool_call': early_tool_call_loss(x.out.logits, x.labels, x.objective.tool_call_id, _needs_call(x))}
 
 def _caws(x: TermInputs) -> dict:
     policy, ids = x.objective.caws_policy
@@ -77,35 +86,53 @@ def _intermediate(x: TermInputs) -> dict:
     loss = intermediate_layer_loss(x.out.hidden_states, t_states, o.projector, b['attention_mask'], o.cfg.distillation.intermediate_loss)
     return {'intermediate': loss}
 
+def _real_tokens(x: TermInputs) -> dict: return {'intermediate': x.batch['attention_mask'].sum()}
+
 def _self_eval(x: TermInputs) -> dict:
     return {'self_eval': self_evaluation_loss(x.out.self_eval, self_eval_targets(x.batch['metadata']).to(x.out.self_eval.device))}
 
-def _halt(x: TermInputs) -> dict:
+def _halt_targets(x: TermInputs) -> tuple:
     cfg = x.objective.cfg
-    return {'halt': halt_loss(x.out.halt_logits, x.batch, x.objective.tool_result_end_id, cfg.halting, x.step, cfg.training.steps)}
+    return batch_halt_targets(x.batch['input_ids'], x.batch['metadata'], x.objective.tool_result_end_id, cfg.halting, x.step,
+                              cfg.training.steps)
+
+def _halt(x: TermInputs) -> dict: return {'halt': halt_head_loss(x.out.halt_logits, *_halt_targets(x))}
+
+def _boundaries(x: TermInputs) -> dict: return {'halt': _halt_targets(x)[1].sum()}
 
 def _code_mode(x: TermInputs) -> dict:
     o, rows = x.objective, x.code_rows
     if not rows: return {}
-    code = code_mode_batch(x.batch, rows, o.tokenizer, o.cfg.data.max_length)
-    code_logits = x.model(code['input_ids'], code['attention_mask']).logits
-    direct_logits = F.linear(x.out.last_hidden[rows], getattr(x.model, 'module', x.model).output_weight)
+    code = _code_batch(x)
+    student = getattr(x.model, 'module', x.model)  # not through DDP, whose forward syncs: ranks differ in code rows
+    code_logits = student(code['input_ids'], code['attention_mask']).logits
+    direct_logits = F.linear(x.out.last_hidden[rows], student.output_weight)
     code_ce = F.cross_entropy(code_logits.float().flatten(0, 1), code['labels'].flatten(), ignore_index=IGNORE_INDEX)
     preference = o.preference(code_logits, code['labels'], direct_logits, x.direct_labels[rows], x.step)
     return {'code_ce': code_ce, 'code_mode_preference': preference}
 
+def _code_batch(x: TermInputs) -> dict: return code_mode_batch(x.batch, x.code_rows, x.objective.tokenizer, x.objective.cfg.data.max_length)
+
+def _code_units(x: TermInputs) -> dict:
+    "Code label tokens and code rows (both 0 without eligible rows, so every micro-batch has the same counts)."
+    tokens = (_code_batch(x)['labels'] != IGNORE_INDEX).sum() if x.code_rows else torch.tensor(0, device=x.labels.device)
+    return {'code_ce': tokens, 'code_mode_preference': torch.tensor(len(x.code_rows), device=x.labels.device)}
+
+def _span_term(weight_key: str, mask: str, name: str) -> Term:
+    return Term(weight_key, partial(_span_ce, mask=mask, name=name), partial(_span_tokens, mask=mask, name=name), needs_logits=True)
+
 TERMS = {
-    'tool_name': Term('process.tool_name_weight', partial(_span_ce, mask='tool_name_mask', name='tool_name'), needs_logits=True),
-    'json_arguments': Term('process.json_argument_weight', partial(_span_ce, mask='json_argument_mask', name='json_arguments'),
-                           needs_logits=True),
-    'integration': Term('process.integration_weight', partial(_span_ce, mask='integration_mask', name='integration'), needs_logits=True),
-    'length': Term('process.length_weight', _length, needs_logits=True),
-    'early_tool_call': Term('process.early_tool_call_weight', _early_tool_call, needs_logits=True),
-    'caws': Term('process.caws_weight', _caws, needs_logits=True),
-    'intermediate': Term('distillation.intermediate_weight', _intermediate),
-    'self_eval': Term('distillation.self_eval_weight', _self_eval),
-    'halt': Term('halting.weight', _halt, enabled_key='halting.enabled'),
-    'code_mode': Term('code_mode.weight', _code_mode, enabled_key='code_mode.enabled', weighted=False),
+    'tool_name': _span_term('process.tool_name_weight', 'tool_name_mask', 'tool_name'),
+    'json_arguments': _span_term('process.json_argument_weight', 'json_argument_mask', 'json_arguments'),
+    'integration': _span_term('process.integration_weight', 'integration_mask', 'integration'),
+    'length': Term('process.length_weight', _length, _rows('length'), needs_logits=True),
+    'early_tool_call': Term('process.early_tool_call_weight', _early_tool_call, lambda x: {'early_tool_call': _needs_call(x).sum()},
+                            needs_logits=True),
+    'caws': Term('process.caws_weight', _caws, _rows('caws'), needs_logits=True),
+    'intermediate': Term('distillation.intermediate_weight', _intermediate, _real_tokens),
+    'self_eval': Term('distillation.self_eval_weight', _self_eval, _rows('self_eval')),
+    'halt': Term('halting.weight', _halt, _boundaries, enabled_key='halting.enabled'),
+    'code_mode': Term('code_mode.weight', _code_mode, _code_units, enabled_key='code_mode.enabled', weighted=False),
 }
 KD_CE_KEYS = ('distillation.kd_weight', 'distillation.ce_weight')  # weights of the KD + CE term (KDOptions)
 
@@ -115,7 +142,7 @@ class KDObjective:
     def __init__(self, cfg: Config, # the run's config
                  teacher=None, # white-box teacher (kd_lib.teachers) or None
                  tokenizer=None, # the training tokenizer (token ids of the terms, code-mode renderings)
-                 student=None, # the student (its sizes shape the projector); None: `cfg.model`
+                 student=None, # the student (its sizes shape the projector, heads no term trains are frozen); None: `cfg.model`
                 ):
         self.cfg, self.teacher, self.tokenizer = cfg, teacher, tokenizer
         self.student_cfg = cfg.model if student is None else student.cfg
@@ -128,6 +155,13 @@ class KDObjective:
         self.projector = self._projector() if 'intermediate' in self.terms else None
         self.preference = CodeModePreferenceLoss(cfg.code_mode.weight, cfg.code_mode.warmup_steps) if 'code_mode' in self.terms else None
         self.needs_logits = not self.options.fused or any(t.needs_logits for t in self.terms.values())
+        if student is not None: self.freeze_untrained_heads(student)
+
+    def freeze_untrained_heads(self, model: nn.Module):
+        "Freeze the halt / self-eval heads no term trains: they get no gradient, which DDP's reduction does not allow."
+        for head, term in (('halt_head', 'halt'), ('self_eval_head', 'self_eval')):
+            module = getattr(model, head, None)
+            if module is not None and term not in self.terms: module.requires_grad_(False)
 
     def _caws_policy(self, tok) -> tuple:
         try:
@@ -143,25 +177,43 @@ class KDObjective:
         terms = ', '.join(f'{n}={config_value(self.cfg, t.weight_key)}' for n, t in self.terms.items())
         return f'KDObjective(kd={self.options.kd_weight}, ce={self.options.ce_weight}, {self.options.divergence}; {terms or "no other terms"})'
 
-    def __call__(self, model, batch: dict, num_kept_tokens, step: int) -> tuple[torch.Tensor, dict]:
-        "Weighted total and unweighted components of one micro-batch."
-        on_policy = self._on_policy_step(model, batch, num_kept_tokens)
-        if on_policy is not None: return on_policy
-        batch = self._prepare(batch, step)
+    def _inputs(self, batch: dict, step: int) -> TermInputs:
+        "The term inputs of a prepared micro-batch before the forward pass (labels of this stage, code-mode rows)."
         labels = direct_labels = self._labels(batch)
         code_rows = [b for b, m in enumerate(batch['metadata']) if code_mode_eligible(m, self.cfg.code_mode)] if self.preference else []
         if code_rows: labels = labels.index_fill(0, torch.tensor(code_rows, device=labels.device), IGNORE_INDEX)
-        out = self._forward(model, batch)
-        x = TermInputs(self, model, batch, out, labels, direct_labels, code_rows, step)
+        return TermInputs(self, None, batch, None, labels, direct_labels, code_rows, step)
+
+    def _counts(self, x: TermInputs) -> dict:
+        counts = {'tokens': (x.labels != IGNORE_INDEX).sum()}
+        for term in self.terms.values(): counts.update(term.count(x))
+        return counts
+
+    def counts(self, batch: dict, step: int) -> dict:
+        "The units each loss of a micro-batch is normalised by (kept tokens, span tokens, rows ...), to sum over a step."
+        return self._counts(self._inputs(self._prepare(batch, step), step))
+
+    def __call__(self, model, batch: dict,
+                 counts: dict | None, # `counts` summed over the optimizer step (and all ranks); None: this micro-batch's
+                 step: int) -> tuple[torch.Tensor, dict]:
+        "Weighted total and unweighted components of one micro-batch: loss sums divided by the step's counts."
+        on_policy = self._on_policy_step(model, batch, None if counts is None else counts['tokens'])
+        if on_policy is not None: return on_policy
+        batch = self._prepare(batch, step)
+        x = self._inputs(batch, step)
+        local = self._counts(x)
+        counts = counts or {k: v.float().clamp_min(1.0) for k, v in local.items()}
+        x.model, x.out = model, self._forward(model, batch)
         # the terms are built before KD + CE and added after them: the autograd order (so the gradient, bit for bit) of the seed's recipes
         weighted = [(config_value(self.cfg, t.weight_key) if t.weighted else 1.0, t.loss(x)) for t in self.terms.values()]
-        total, components = kd_ce_loss(labels, **self._student(model, out), **self._teacher(batch), opts=self.options,
-                                       num_kept_tokens=num_kept_tokens)
+        total, components = kd_ce_loss(x.labels, **self._student(model, x.out), **self._teacher(batch), opts=self.options,
+                                       num_kept_tokens=counts['tokens'])
         components = dict(components)
         for weight, losses in weighted:
             for name, loss in losses.items():
-                total = total + weight * loss
-                components[name] = upcast(loss.detach())
+                share = local[name] / counts[name]  # the mean over this micro-batch -> its part of the step's mean
+                total = total + weight * loss * share
+                components[name] = upcast((loss * share).detach())
         components['total'] = total.detach()
         if self.cfg.distillation.on_policy_fraction > 0: components['on_policy'] = torch.zeros((), device=total.device)
         return total, components
