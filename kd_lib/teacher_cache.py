@@ -66,6 +66,7 @@ def _device_of(teacher) -> torch.device:
 
 # %% ../nbs/06_teacher_cache.ipynb #5a1c0e72
 def _check_k(k: int, vocab: int):
+    "Refuse a k above the vocabulary size."
     if k > vocab: raise TeacherCacheError(f'k={k} is larger than the teacher vocabulary ({vocab})')
 
 def chunked_topk_logprobs(hidden: torch.Tensor, # [..., D] final normed hidden states
