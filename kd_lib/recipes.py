@@ -183,7 +183,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
                       teacher_folder, # the teacher: a kd_lib model folder, or a Hugging Face one when teacher.kind is hf
                       out_dir, # cache folder
                      ) -> dict: # the cache report (bytes/token, coverage)
-    "Run the teacher once over the training set and cache its top-k (teacher.topk) log-probs."
+    "Run the teacher once over the training set and cache its top-k (teacher.topk) log-probs, from its hidden states."
     cfg = load_config(*stage['config_paths'], overrides=stage['overrides'])
     kind = 'hf' if cfg.teacher.kind == 'hf' else 'checkpoint'
     teacher = load_teacher(cfg.override(f'teacher.kind={kind}', f'teacher.path={teacher_folder}').teacher, get_training_device(cfg.training.device or None))
@@ -191,7 +191,7 @@ def build_cache_stage(stage: dict, # {'config_paths': [...], 'overrides': [...]}
     check_teacher_tokenizer(cfg, teacher, tokenizer, out_dir)
     save_tokenizer(tokenizer, Path(out_dir) / 'tokenizer.json')  # a later stage with student.tokenizer: teacher reads it
     dataset = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row)
-    cache = build_teacher_cache(teacher.logits, dataset, out_dir, k=cfg.teacher.topk, fingerprint=teacher.fingerprint,
+    cache = build_teacher_cache(teacher, dataset, out_dir, k=cfg.teacher.topk, fingerprint=teacher.fingerprint,
                                 batch_size=32, progress=cfg.tracing.progress)
     return cache.report()
 

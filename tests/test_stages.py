@@ -8,10 +8,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, TINY, tiny_data
 from kd_lib.config import ConfigError, load_config
+from kd_lib.dataset import KDDataset
 from kd_lib.fused import kd_ce_loss
 from kd_lib.losses import KDOptions
 from kd_lib.models import StudentLM
 from kd_lib.recipes import build_cache_stage, prepare_data, run_stage
+from kd_lib.teacher_cache import TeacherCache, build_teacher_cache
 from kd_lib.teachers import load_teacher, stage_tokenizer
 from kd_lib.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash
 from kd_lib.pipeline import run_default_pipeline
@@ -171,17 +173,33 @@ def test_hf_teacher_hidden_head_equals_logits(tmp_path):
         assert torch.allclose(fused, plain, atol=1e-5) and torch.allclose(parts['kd'], plain_parts['kd'], atol=1e-5), divergence
 
 
+def _by_id(ids, logprobs):
+    "A position's top-k entries in id order."
+    ids, order = ids.sort(-1)
+    return ids, logprobs.gather(-1, order)
+
+
 def test_hf_teacher_cache_stage(tmp_path):
-    "The top-k cache stage runs an hf teacher (on its own tokenizer); a KD stage then distils from that cache."
+    "The cache stage scores an hf teacher from hidden states (no [B,T,V] logits, their top-k); a KD stage distils from it."
     cfg = _hf_cfg(tmp_path, 'student.tokenizer=teacher')
     stage = {'config_paths': [], 'overrides': [*TINY, *tiny_data(tmp_path / 'data'), 'teacher.kind=hf', 'student.tokenizer=teacher']}
-    report = build_cache_stage(stage, tmp_path / 'hf', tmp_path / 'cache')
+    rows = sum(1 for _ in open(cfg.data.train_path, encoding='utf-8'))
+    vocab = len(json.loads((tmp_path / 'hf' / 'tokenizer.json').read_text())['model']['vocab']) + len(SPECIAL_TOKENS)
+    with _VocabTensors(min(32, rows), vocab) as spy:  # the stage scores 32 rows a batch
+        report = build_cache_stage(stage, tmp_path / 'hf', tmp_path / 'cache')
+    assert spy.seen == []
     manifest = json.loads((tmp_path / 'cache' / 'manifest.json').read_text())
     assert manifest['k'] == 4 and manifest['fingerprint'].startswith('hf:') and 0 < report['covered_mass'] <= 1
     assert json.loads((tmp_path / 'cache' / 'tokenizer_compatibility.json').read_text())['can_share_logits']
     teacher = load_teacher(cfg.teacher)
     tokenizer, _ = stage_tokenizer(cfg, teacher)
-    assert manifest['vocab_size'] == teacher.vocab_size and manifest['tokenizer_hash'] == tokenizer_hash(tokenizer)
+    assert manifest['vocab_size'] == teacher.vocab_size == vocab and manifest['tokenizer_hash'] == tokenizer_hash(tokenizer)
+    dataset = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length)
+    by_logits = build_teacher_cache(teacher.logits, dataset, tmp_path / 'by_logits', k=4, fingerprint='logits', batch_size=32)
+    stage_cache = TeacherCache(tmp_path / 'cache')
+    for i in range(rows):  # the same top-k (near-ties may swap places); log-probs equal up to their fp16 storage
+        (ids, logprobs), (want_ids, want) = (_by_id(*c.row(i)) for c in (stage_cache, by_logits))
+        assert torch.equal(ids, want_ids) and torch.allclose(logprobs, want, rtol=2 ** -10, atol=0)
     # a KD stage distils from that cache, on the tokenizer the cache stage saved
     from_cache = cfg.override('teacher.kind=cache', f'teacher.path={tmp_path / "cache"}', 'training.steps=2')
     assert run_stage(from_cache, tmp_path / 'kd_cache', evaluate=False).status == 'finished'
