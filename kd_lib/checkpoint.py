@@ -20,9 +20,12 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as safetensors_bytes
@@ -187,6 +190,7 @@ def _read_checkpoint(path: Path) -> dict:
         reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CorruptCheckpointError(f'{path / STATE_FILE}: refused to load: it holds something torch.load(weights_only=True) '
                                      f'does not allow, such as a pickled object ({reason})') from None
+    if meta.get('sharded'): state['shards'] = str(path)  # for `dcp.load(template, checkpoint_id=state['shards'])`
     if MODEL_FILE in meta['files']:
         try: state['model'] = _load_model_file(path / MODEL_FILE)
         except Exception as e: raise CorruptCheckpointError(f'{path / MODEL_FILE}: refused to load: not a valid safetensors file ({e})') from None
@@ -210,6 +214,30 @@ def _serialize(step: int, state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(rest, buffer)
     return files | {STATE_FILE: buffer.getvalue()}
+
+def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
+
+def _rank() -> int: return dist.get_rank() if _distributed() else 0
+
+def _tensor_bytes(obj) -> int:
+    "Bytes of the tensors in a nested dict or list (a DTensor at its full size)."
+    if isinstance(obj, torch.Tensor): return obj.numel() * obj.element_size()
+    if isinstance(obj, dict): return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+def _on_main(fn: Callable):
+    "Run `fn` on rank 0 alone; every rank raises the exception it raised (so no rank waits for a failed one)."
+    error = result = None
+    if _rank() == 0:
+        try: result = fn()
+        except Exception as e: error = e
+    if _distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None: raise error
+    return result
 
 def _move_into_place(tmp: Path, final: Path):
     "Rename a finished temp folder to its final name (an older folder of the same step is replaced)."
@@ -266,6 +294,32 @@ class CheckpointManager:
         self._records[step] = self._write_folder(step, files, metrics)
         self._apply_retention()
         self._write_manifest()
+        return self.path(step)
+
+    def save_sharded(self,
+                     step: int, # the optimizer step this state is after
+                     state: dict | None, # rank 0: the small rest (no 'model'), as for `save`; other ranks: ignored
+                     shards: dict, # this rank's DCP state dict, e.g. {'model': ..., 'optim': ...} of DTensors
+                     metrics: dict | None = None, # eval metrics at this step
+                    ) -> Path: # the checkpoint folder
+        "Every rank writes its shard (DCP) into a temp folder; rank 0 adds `state`, renames it into place, applies retention."
+        tmp = self.directory / f'{_TMP_PREFIX}checkpoint_step_{step}'
+        files = _serialize(step, state) if _rank() == 0 else {}
+        def prepare():
+            self._make_room(step, _tensor_bytes(shards) + sum(len(d) for d in files.values()))
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _on_main(prepare)
+        try: dcp.save(shards, checkpoint_id=tmp)  # DCP raises on every rank when one rank fails
+        except BaseException:
+            if _rank() == 0: shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        def finish():
+            written = sorted(p.name for p in tmp.iterdir())
+            self._records[step] = self._write_folder(step, files, {k: float(v) for k, v in (metrics or {}).items()}, written)
+            self._apply_retention()
+            self._write_manifest()
+        _on_main(finish)
         return self.path(step)
 
     def latest(self) -> Path | None:
@@ -364,18 +418,20 @@ class CheckpointManager:
         self._write_manifest()
         return freed
 
-    def _write_folder(self, step: int, files: dict, metrics: dict) -> dict:
-        "Write the files and meta.json into a temp folder, then rename it into place; returns the meta."
+    def _write_folder(self, step: int, files: dict, metrics: dict, shards: list = ()) -> dict:
+        "Write the files and meta.json into a temp folder (which holds the `shards` already), rename it into place; the meta."
         final, tmp = self.path(step), self.directory / f'{_TMP_PREFIX}checkpoint_step_{step}'
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not shards: shutil.rmtree(tmp, ignore_errors=True)
         slow = float(os.environ.get('KD_LIB_TEST_SLOW_SAVE') or 0)
         try:
-            tmp.mkdir()
+            tmp.mkdir(exist_ok=bool(shards))
             for name, data in files.items():
                 atomic_write(tmp / name, data)
                 if slow: time.sleep(slow)
+            listed = {n: {'bytes': len(d), 'sha256': hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+            listed |= {n: {'bytes': (tmp / n).stat().st_size, 'sha256': _sha256_file(tmp / n)} for n in shards}
             meta = {'step': step, 'time': time.time(), 'milestone': step in self.milestones, 'metrics': metrics,
-                    'files': {n: {'bytes': len(d), 'sha256': hashlib.sha256(d).hexdigest()} for n, d in files.items()}}
+                    'files': listed} | ({'sharded': True} if shards else {})
             atomic_write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             _move_into_place(tmp, final)
         except BaseException as e:

@@ -14,13 +14,14 @@ import logging
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -243,31 +244,56 @@ class Trainer:
         if self.aux is not None: set_model_state_dict(self.aux, s['aux'], options=full)
         set_optimizer_state_dict(self.ddp, self.optimizer, s['optimizer'], options=full)
 
+    def _shards(self) -> dict:
+        "This rank's shards of the model, aux (when it holds any state) and optimizer states (FSDP DTensors), for DCP."
+        shards = {'model': get_model_state_dict(self.model), 'optim': get_optimizer_state_dict(self.ddp, self.optimizer)}
+        if self.aux is not None and self.aux.state_dict(): shards['aux'] = get_model_state_dict(self.aux)
+        return shards
+
+    def _load_shards(self, folder: str):
+        "Load the DCP shards of a sharded checkpoint into the model, aux and optimizer (every rank calls)."
+        shards = self._shards()
+        dcp.load(shards, checkpoint_id=folder)
+        set_model_state_dict(self.model, shards['model'])
+        if 'aux' in shards: set_model_state_dict(self.aux, shards['aux'])
+        set_optimizer_state_dict(self.ddp, self.optimizer, shards['optim'])
+
+    def _rest(self) -> dict:
+        "The state besides the weights and optimizer: schedule, RNG, data position, counters, config, fingerprints."
+        return {'ema': self.ema.state_dict() if self.ema is not None else {}, 'scheduler': self.scheduler.state_dict(),
+                'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
+                'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
+
+    def _sharded_rest(self) -> dict | None:
+        "Rank 0: `_rest` with every rank's RNG states and the architecture; other ranks: None (all must call)."
+        rngs = [None] * self.info.world_size
+        dist.all_gather_object(rngs, capture_rng_state())
+        arch = self.model.cfg if is_dataclass(getattr(self.model, 'cfg', None)) else None
+        return {**self._rest(), 'rank_rng': rngs, 'model_config': asdict(arch) if arch else {}} if self.info.is_main else None
+
     def state(self) -> dict:
         "Everything needed to resume exactly."
         model, aux, optimizer = self._weights()
-        return {'model': model, 'aux': aux, 'ema': self.ema.state_dict() if self.ema is not None else {},
-                'optimizer': optimizer, 'scheduler': self.scheduler.state_dict(),
-                'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
-                'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
+        return {'model': model, 'aux': aux, 'optimizer': optimizer, **self._rest()}
 
     def resume(self, path=None, force: bool = False) -> bool:
         "Load the newest complete checkpoint (or `path`); False when there is none."
         if path is None and self.ckpt.latest() is None: return False
         s = self.ckpt.load(path, expect=self.fingerprints or None, force=force)
-        self._load_weights(s)
+        if 'shards' in s: self._load_shards(s['shards'])
+        else: self._load_weights(s)
         self.scheduler.load_state_dict(s['scheduler'])
         self.scaler.load_state_dict(s['scaler'])
         if self.ema is not None and s.get('ema'): self.ema.load_state_dict(s['ema'])  # else the first update starts it from these weights
         self.stream.load_state_dict(s['data'])
-        restore_rng_state(s['rng'])
+        restore_rng_state(s['rank_rng'][self.info.rank] if len(s.get('rank_rng', [])) == self.info.world_size else s['rng'])
         self.step, self.nonfinite_total = int(s['step']), int(s['nonfinite_total'])
         log.info('Resumed from checkpoint step %d', self.step)
         return True
 
     def _save(self, metrics=None):
-        state = self.state() if self.info.is_main or self.fsdp else None  # FSDP: every rank gathers the weights
-        if self.info.is_main: self.ckpt.save(self.step, state, metrics=metrics)
+        if self.fsdp: self.ckpt.save_sharded(self.step, self._sharded_rest(), self._shards(), metrics=metrics)
+        elif self.info.is_main: self.ckpt.save(self.step, self.state(), metrics=metrics)
         if self.info.world_size > 1: dist.barrier()
 
     def _micro_batches(self) -> tuple[list, dict]:
