@@ -20,9 +20,13 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from fastcore.basics import patch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as safetensors_bytes
@@ -187,6 +191,7 @@ def _read_checkpoint(path: Path) -> dict:
         reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CorruptCheckpointError(f'{path / STATE_FILE}: refused to load: it holds something torch.load(weights_only=True) '
                                      f'does not allow, such as a pickled object ({reason})') from None
+    if meta.get('sharded'): state['shards'] = str(path)  # for `dcp.load(template, checkpoint_id=state['shards'])`
     if MODEL_FILE in meta['files']:
         try: state['model'] = _load_model_file(path / MODEL_FILE)
         except Exception as e: raise CorruptCheckpointError(f'{path / MODEL_FILE}: refused to load: not a valid safetensors file ({e})') from None
@@ -210,6 +215,30 @@ def _serialize(step: int, state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(rest, buffer)
     return files | {STATE_FILE: buffer.getvalue()}
+
+def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
+
+def _rank() -> int: return dist.get_rank() if _distributed() else 0
+
+def _tensor_bytes(obj) -> int:
+    "Bytes of the tensors in a nested dict or list (a DTensor at its full size)."
+    if isinstance(obj, torch.Tensor): return obj.numel() * obj.element_size()
+    if isinstance(obj, dict): return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+def _on_main(fn: Callable):
+    "Run `fn` on rank 0 alone; every rank raises the exception it raised (so no rank waits for a failed one)."
+    error = result = None
+    if _rank() == 0:
+        try: result = fn()
+        except Exception as e: error = e
+    if _distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None: raise error
+    return result
 
 def _move_into_place(tmp: Path, final: Path):
     "Rename a finished temp folder to its final name (an older folder of the same step is replaced)."
@@ -254,49 +283,6 @@ class CheckpointManager:
         "True every `save_every` steps and at every milestone."
         return step in self.milestones or bool(self.save_every) and step > 0 and step % self.save_every == 0
 
-    def save(self,
-             step: int, # the optimizer step this state is after
-             state: dict, # 'model': state_dict (-> safetensors); the rest: tensors, numbers, strings, lists, dicts
-             metrics: dict | None = None, # eval metrics at this step (recorded; `best_metric` is read from here)
-            ) -> Path: # the checkpoint folder
-        "Atomically save a checkpoint, then apply retention and rewrite the manifest."
-        files = _serialize(step, state)
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        self._make_room(step, sum(len(d) for d in files.values()))
-        self._records[step] = self._write_folder(step, files, metrics)
-        self._apply_retention()
-        self._write_manifest()
-        return self.path(step)
-
-    def latest(self) -> Path | None:
-        "The newest checkpoint whose files are complete and match their checksums, or None."
-        for step in sorted(self._records, reverse=True):
-            try: _verify(self.path(step))
-            except CorruptCheckpointError as e: log.warning('Skipping corrupt checkpoint %s: %s', self.path(step).name, e)
-            else: return self.path(step)
-        return None
-
-    def load(self,
-             path=None, # a checkpoint folder; None: the newest valid checkpoint
-             expect: dict | None = None, # {state key: value} that must match, e.g. {'teacher_fingerprint': fp}
-             force: bool = False, # load despite an `expect` mismatch (with a warning)
-            ) -> dict: # the saved state; 'model' is a state_dict of CPU tensors
-        "Verify and load a checkpoint (safetensors + weights_only torch.load; never runs code)."
-        if path is not None:
-            path = Path(path)
-            if not path.is_dir(): raise CheckpointError(f'{path}: no such checkpoint folder')
-            state = _read_checkpoint(path)
-        else: path, state = self._newest_valid()
-        _check_expected(state, expect, force, path)
-        return state
-
-    def _newest_valid(self) -> tuple[Path, dict]:
-        "(path, state) of the highest-step checkpoint that verifies and loads; skips corrupt ones with a warning."
-        for step in sorted(self._records, reverse=True):
-            try: return self.path(step), _read_checkpoint(self.path(step))
-            except CorruptCheckpointError as e: log.warning('Skipping corrupt checkpoint %s: %s', self.path(step).name, e)
-        raise CheckpointError(f'No complete checkpoint in {self.directory}')
-
     def _clean_interrupted(self):
         "Remove what a killed save or delete left behind."
         for p in self.directory.iterdir():
@@ -314,92 +300,180 @@ class CheckpointManager:
             except CorruptCheckpointError as e: log.warning('Ignoring checkpoint folder: %s', e)
         return records
 
-    def _best_step(self) -> int | None:
-        "The step whose metrics hold the best `best_metric` value (the earliest on ties)."
-        scored = [(m['metrics'][self.best_metric], s) for s, m in self._records.items()
-                  if self.best_metric and self.best_metric in m.get('metrics', {})]
-        sign = 1 if self.best_mode == 'max' else -1
-        return max(scored, key=lambda vs: (sign * vs[0], -vs[1]))[1] if scored else None
+# %% ../nbs/30_checkpoint.ipynb #a5a2c05a
+@patch
+def latest(self: CheckpointManager) -> Path | None:
+    "The newest checkpoint whose files are complete and match their checksums, or None."
+    for step in sorted(self._records, reverse=True):
+        try: _verify(self.path(step))
+        except CorruptCheckpointError as e: log.warning('Skipping corrupt checkpoint %s: %s', self.path(step).name, e)
+        else: return self.path(step)
+    return None
 
-    def _kept(self, recent: int) -> set[int]:
-        "Steps retention keeps: milestones, the best, the newest `recent` others, and the newest of all."
-        steps = sorted(self._records)
-        kept = {s for s in steps if s in self.milestones}
-        if (best := self._best_step()) is not None: kept.add(best)
-        others = [s for s in steps if s not in kept]
-        return kept | set(others[-recent:] if recent > 0 else []) | set(steps[-1:])
+@patch
+def load(self: CheckpointManager,
+         path=None, # a checkpoint folder; None: the newest valid checkpoint
+         expect: dict | None = None, # {state key: value} that must match, e.g. {'teacher_fingerprint': fp}
+         force: bool = False, # load despite an `expect` mismatch (with a warning)
+        ) -> dict: # the saved state; 'model' is a state_dict of CPU tensors
+    "Verify and load a checkpoint (safetensors + weights_only torch.load; never runs code)."
+    if path is not None:
+        path = Path(path)
+        if not path.is_dir(): raise CheckpointError(f'{path}: no such checkpoint folder')
+        state = _read_checkpoint(path)
+    else: path, state = self._newest_valid()
+    _check_expected(state, expect, force, path)
+    return state
 
-    def _apply_retention(self):
-        "Delete the checkpoints retention does not keep."
-        low_disk = _free_bytes(self.directory) < self.min_free_space_gb * GB
-        kept = self._kept(self.max_checkpoints - int(low_disk))
-        for step in sorted(set(self._records) - kept): self._delete(step)
+@patch
+def _newest_valid(self: CheckpointManager) -> tuple[Path, dict]:
+    "(path, state) of the highest-step checkpoint that verifies and loads; skips corrupt ones with a warning."
+    for step in sorted(self._records, reverse=True):
+        try: return self.path(step), _read_checkpoint(self.path(step))
+        except CorruptCheckpointError as e: log.warning('Skipping corrupt checkpoint %s: %s', self.path(step).name, e)
+    raise CheckpointError(f'No complete checkpoint in {self.directory}')
 
-    def _make_room(self, step: int, needed: int):
-        "Delete the oldest non-milestone checkpoints until `needed` bytes fit, or raise CheckpointSpaceError."
-        free = _free_bytes(self.directory)
-        if needed + _HEADROOM <= free: return
-        protected = self._kept(0)
-        candidates = [s for s in sorted(self._records) if s not in protected and s != step]
-        reclaimable = sum(_folder_bytes(self.path(s)) for s in candidates)
-        if needed + _HEADROOM > free + reclaimable:
-            raise CheckpointSpaceError(
-                f'Not enough disk space in {self.directory} for checkpoint_step_{step}: it needs {needed / GB:.2f} GB, '
-                f'{free / GB:.2f} GB are free and deleting every old non-milestone checkpoint would free only '
-                f'{reclaimable / GB:.2f} GB more. Nothing was deleted; earlier checkpoints are intact.')
-        for s in candidates:
-            if needed + _HEADROOM <= free: break
-            free += self._delete(s)
-
-    def _delete(self, step: int) -> int:
-        "Delete one checkpoint (rename aside, then remove), log it, rewrite the manifest; returns the bytes freed."
-        path = self.path(step)
-        freed = _folder_bytes(path)
-        trash = self.directory / f'{_DEL_PREFIX}{path.name}'
-        os.replace(path, trash)
-        _fsync_dir(self.directory)
-        shutil.rmtree(trash)
-        del self._records[step]
-        log.info('Deleted old checkpoint: %s (%.2f GB)', path.name, freed / GB)
-        self._write_manifest()
-        return freed
-
-    def _write_folder(self, step: int, files: dict, metrics: dict) -> dict:
-        "Write the files and meta.json into a temp folder, then rename it into place; returns the meta."
-        final, tmp = self.path(step), self.directory / f'{_TMP_PREFIX}checkpoint_step_{step}'
+# %% ../nbs/30_checkpoint.ipynb #5d1c649d
+@patch
+def _write_folder(self: CheckpointManager, step: int, files: dict, metrics: dict, shards: list = ()) -> dict:
+    "Write the files and meta.json into a temp folder (which holds the `shards` already), rename it into place; the meta."
+    final, tmp = self.path(step), self.directory / f'{_TMP_PREFIX}checkpoint_step_{step}'
+    if not shards: shutil.rmtree(tmp, ignore_errors=True)
+    slow = float(os.environ.get('KD_LIB_TEST_SLOW_SAVE') or 0)
+    try:
+        tmp.mkdir(exist_ok=bool(shards))
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
+            if slow: time.sleep(slow)
+        listed = {n: {'bytes': len(d), 'sha256': hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+        listed |= {n: {'bytes': (tmp / n).stat().st_size, 'sha256': _sha256_file(tmp / n)} for n in shards}
+        meta = {'step': step, 'time': time.time(), 'milestone': step in self.milestones, 'metrics': metrics,
+                'files': listed} | ({'sharded': True} if shards else {})
+        atomic_write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+        _move_into_place(tmp, final)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        slow = float(os.environ.get('KD_LIB_TEST_SLOW_SAVE') or 0)
-        try:
-            tmp.mkdir()
-            for name, data in files.items():
-                atomic_write(tmp / name, data)
-                if slow: time.sleep(slow)
-            meta = {'step': step, 'time': time.time(), 'milestone': step in self.milestones, 'metrics': metrics,
-                    'files': {n: {'bytes': len(d), 'sha256': hashlib.sha256(d).hexdigest()} for n, d in files.items()}}
-            atomic_write(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-            _move_into_place(tmp, final)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise CheckpointSpaceError(f'No space left on device while writing {final.name} in {self.directory}; the partial '
-                                           'checkpoint was removed and earlier checkpoints are intact. Free some space and resume.') from None
-            raise
-        return meta
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise CheckpointSpaceError(f'No space left on device while writing {final.name} in {self.directory}; the partial '
+                                       'checkpoint was removed and earlier checkpoints are intact. Free some space and resume.') from None
+        raise
+    return meta
 
-    def _write_manifest(self):
-        "Atomically rewrite progress/checkpoints.json from the records."
-        best = self._best_step()
-        manifest = {'total_steps': self.total_steps, 'milestones': self.milestones, 'latest': max(self._records, default=None),
-                    'best': None if best is None else {'step': best, 'metric': self.best_metric, 'mode': self.best_mode,
-                                                      'value': self._records[best]['metrics'][self.best_metric]},
-                    'checkpoints': [{'step': s, 'path': self.path(s).name, 'bytes': sum(f['bytes'] for f in m['files'].values()),
-                                     'milestone': s in self.milestones, 'metrics': m.get('metrics', {}), 'time': m.get('time')}
-                                    for s, m in sorted(self._records.items())]}
-        path = self.directory / MANIFEST
-        try:
-            path.parent.mkdir(exist_ok=True)
-            atomic_write(path, json.dumps(manifest, indent=1).encode())
-        except OSError as e:
-            error = CheckpointSpaceError if e.errno == errno.ENOSPC else CheckpointError
-            raise error(f'{e.strerror or e} while writing {path}; the previous manifest and every checkpoint folder are intact '
-                        '(their meta.json files are the source of truth). Resume once the disk can be written again.') from None
+@patch
+def _write_manifest(self: CheckpointManager):
+    "Atomically rewrite progress/checkpoints.json from the records."
+    best = self._best_step()
+    manifest = {'total_steps': self.total_steps, 'milestones': self.milestones, 'latest': max(self._records, default=None),
+                'best': None if best is None else {'step': best, 'metric': self.best_metric, 'mode': self.best_mode,
+                                                  'value': self._records[best]['metrics'][self.best_metric]},
+                'checkpoints': [{'step': s, 'path': self.path(s).name, 'bytes': sum(f['bytes'] for f in m['files'].values()),
+                                 'milestone': s in self.milestones, 'metrics': m.get('metrics', {}), 'time': m.get('time')}
+                                for s, m in sorted(self._records.items())]}
+    path = self.directory / MANIFEST
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        error = CheckpointSpaceError if e.errno == errno.ENOSPC else CheckpointError
+        raise error(f'{e.strerror or e} while writing {path}; the previous manifest and every checkpoint folder are intact '
+                    '(their meta.json files are the source of truth). Resume once the disk can be written again.') from None
+
+# %% ../nbs/30_checkpoint.ipynb #49f85b97
+@patch
+def _best_step(self: CheckpointManager) -> int | None:
+    "The step whose metrics hold the best `best_metric` value (the earliest on ties)."
+    scored = [(m['metrics'][self.best_metric], s) for s, m in self._records.items()
+              if self.best_metric and self.best_metric in m.get('metrics', {})]
+    sign = 1 if self.best_mode == 'max' else -1
+    return max(scored, key=lambda vs: (sign * vs[0], -vs[1]))[1] if scored else None
+
+@patch
+def _kept(self: CheckpointManager, recent: int) -> set[int]:
+    "Steps retention keeps: milestones, the best, the newest `recent` others, and the newest of all."
+    steps = sorted(self._records)
+    kept = {s for s in steps if s in self.milestones}
+    if (best := self._best_step()) is not None: kept.add(best)
+    others = [s for s in steps if s not in kept]
+    return kept | set(others[-recent:] if recent > 0 else []) | set(steps[-1:])
+
+@patch
+def _apply_retention(self: CheckpointManager):
+    "Delete the checkpoints retention does not keep."
+    low_disk = _free_bytes(self.directory) < self.min_free_space_gb * GB
+    kept = self._kept(self.max_checkpoints - int(low_disk))
+    for step in sorted(set(self._records) - kept): self._delete(step)
+
+@patch
+def _make_room(self: CheckpointManager, step: int, needed: int):
+    "Delete the oldest non-milestone checkpoints until `needed` bytes fit, or raise CheckpointSpaceError."
+    free = _free_bytes(self.directory)
+    if needed + _HEADROOM <= free: return
+    protected = self._kept(0)
+    candidates = [s for s in sorted(self._records) if s not in protected and s != step]
+    reclaimable = sum(_folder_bytes(self.path(s)) for s in candidates)
+    if needed + _HEADROOM > free + reclaimable:
+        raise CheckpointSpaceError(
+            f'Not enough disk space in {self.directory} for checkpoint_step_{step}: it needs {needed / GB:.2f} GB, '
+            f'{free / GB:.2f} GB are free and deleting every old non-milestone checkpoint would free only '
+            f'{reclaimable / GB:.2f} GB more. Nothing was deleted; earlier checkpoints are intact.')
+    for s in candidates:
+        if needed + _HEADROOM <= free: break
+        free += self._delete(s)
+
+@patch
+def _delete(self: CheckpointManager, step: int) -> int:
+    "Delete one checkpoint (rename aside, then remove), log it, rewrite the manifest; returns the bytes freed."
+    path = self.path(step)
+    freed = _folder_bytes(path)
+    trash = self.directory / f'{_DEL_PREFIX}{path.name}'
+    os.replace(path, trash)
+    _fsync_dir(self.directory)
+    shutil.rmtree(trash)
+    del self._records[step]
+    log.info('Deleted old checkpoint: %s (%.2f GB)', path.name, freed / GB)
+    self._write_manifest()
+    return freed
+
+# %% ../nbs/30_checkpoint.ipynb #49b5f722
+@patch
+def save(self: CheckpointManager,
+         step: int, # the optimizer step this state is after
+         state: dict, # 'model': state_dict (-> safetensors); the rest: tensors, numbers, strings, lists, dicts
+         metrics: dict | None = None, # eval metrics at this step (recorded; `best_metric` is read from here)
+        ) -> Path: # the checkpoint folder
+    "Atomically save a checkpoint, then apply retention and rewrite the manifest."
+    files = _serialize(step, state)
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
+    self._make_room(step, sum(len(d) for d in files.values()))
+    self._records[step] = self._write_folder(step, files, metrics)
+    self._apply_retention()
+    self._write_manifest()
+    return self.path(step)
+
+# %% ../nbs/30_checkpoint.ipynb #bf7b1758
+@patch
+def save_sharded(self: CheckpointManager,
+                 step: int, # the optimizer step this state is after
+                 state: dict | None, # rank 0: the small rest (no 'model'), as for `save`; other ranks: ignored
+                 shards: dict, # this rank's DCP state dict, e.g. {'model': ..., 'optim': ...} of DTensors
+                 metrics: dict | None = None, # eval metrics at this step
+                ) -> Path: # the checkpoint folder
+    "Every rank writes its shard (DCP) into a temp folder; rank 0 adds `state`, renames it into place, applies retention."
+    tmp = self.directory / f'{_TMP_PREFIX}checkpoint_step_{step}'
+    files = _serialize(step, state) if _rank() == 0 else {}
+    def prepare():
+        self._make_room(step, _tensor_bytes(shards) + sum(len(d) for d in files.values()))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _on_main(prepare)
+    try: dcp.save(shards, checkpoint_id=tmp)  # DCP raises on every rank when one rank fails
+    except BaseException:
+        if _rank() == 0: shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    def finish():
+        written = sorted(p.name for p in tmp.iterdir())
+        self._records[step] = self._write_folder(step, files, {k: float(v) for k, v in (metrics or {}).items()}, written)
+        self._apply_retention()
+        self._write_manifest()
+    _on_main(finish)
+    return self.path(step)

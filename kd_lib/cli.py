@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help='overrides applied to every stage (may be given several times)')
     add_eval_arguments(sub.add_parser('eval', help='evaluate model folders on the held-out split'))
     ex = sub.add_parser('export', help='export a kd_lib model folder to another ecosystem')
-    ex.add_argument('src', help='kd_lib model folder (e.g. RUN/final, or an int8 folder from the qat stage)')
+    ex.add_argument('src', help='kd_lib model folder (e.g. RUN/final, an int8 folder from the qat stage) or a sharded FSDP checkpoint')
     ex.add_argument('--to', choices=['hf'], required=True, help="'hf': a transformers LlamaForCausalLM folder")
     ex.add_argument('out', help='folder to write')
     add_generate_arguments(sub.add_parser('generate', help='sample teacher completions for a prompts file (a training set)'))

@@ -4,16 +4,18 @@
 
 # %% auto #0
 __all__ = ['SIDE_HEADS', 'CHAT_TEMPLATE', 'HF_TOKENIZER_FILES', 'llama_config', 'llama_state_dict', 'side_heads',
-           'student_config', 'student_state_dict', 'student_from_llama', 'hf_tokenizer', 'float_state_dict', 'to_hf',
-           'export_summary']
+           'student_config', 'student_state_dict', 'student_from_llama', 'hf_tokenizer', 'is_sharded_checkpoint',
+           'consolidate_checkpoint', 'float_state_dict', 'to_hf', 'export_summary']
 
 # %% ../nbs/13_export.ipynb #04dbb0fa
 import json
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, config_from_dict
@@ -167,6 +169,32 @@ def hf_tokenizer(tokenizer, # a tokenizers.Tokenizer with kd_lib's special token
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
+# %% ../nbs/13_export.ipynb #b447456f
+_CHECKPOINT_META, _CHECKPOINT_STATE = 'meta.json', 'training_state.pt'  # written by kd_lib.checkpoint
+
+def is_sharded_checkpoint(folder) -> bool:
+    "True for a complete sharded (DCP) checkpoint folder, as `CheckpointManager.save_sharded` writes it."
+    meta = Path(folder) / _CHECKPOINT_META
+    return meta.is_file() and json.loads(meta.read_text(encoding='utf-8')).get('sharded') is True
+
+def consolidate_checkpoint(checkpoint, # a sharded checkpoint folder (checkpoint_step_N of an FSDP run)
+                           out, # the kd_lib model folder to write (created)
+                          ) -> Path: # `out`
+    "The model of a sharded checkpoint as a kd_lib model folder (one model.safetensors), on CPU without a process group."
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not is_sharded_checkpoint(checkpoint):
+        raise FileNotFoundError(f'{checkpoint}: not a complete sharded checkpoint (no {_CHECKPOINT_META} with "sharded": true)')
+    source = checkpoint / _CHECKPOINT_STATE
+    state = torch.load(source, map_location='cpu', weights_only=True)
+    if not state.get('model_config'): raise ValueError(f'{source}: no model_config (the StudentLM architecture) to rebuild the model')
+    model = StudentLM(config_from_dict({'model': state['model_config']}, source=str(source)).model)
+    shards = {'model': model.state_dict()}  # views of the parameters: loaded in place
+    dcp.load(shards, checkpoint_id=checkpoint, no_dist=True)
+    model.save_pretrained(out)
+    tokenizer = Path(state.get('config', {}).get('data', {}).get('tokenizer_path') or '')
+    if tokenizer.is_file(): shutil.copy2(tokenizer, out / 'tokenizer.json')
+    return out
+
 # %% ../nbs/13_export.ipynb #b13039dc
 def float_state_dict(model: StudentLM # a float StudentLM or one from `load_int8`
                     ) -> dict: # StudentLM tensor names -> float32 tensors
@@ -202,12 +230,17 @@ def _write_tokenizer(folder: Path, out: Path, max_length: int):
     tok.save_pretrained(str(out))
     return tok, 'built from tokenizer.json with the kd_lib chat template'
 
-def to_hf(folder, # a kd_lib model folder (StudentLM.save_pretrained or save_int8, with tokenizer.json)
+def to_hf(folder, # a kd_lib model folder (save_pretrained or save_int8, with tokenizer.json) or a sharded checkpoint
           out, # the Hugging Face folder to write (created)
          ) -> dict: # the export record (also written to out/kd_lib_export.json)
-    "Export a kd_lib student folder as a transformers LlamaForCausalLM folder."
-    from transformers import GenerationConfig
+    "Export a kd_lib student folder (or a sharded checkpoint, consolidated first) as a transformers LlamaForCausalLM folder."
     folder, out = Path(folder), Path(out)
+    if not is_sharded_checkpoint(folder): return _folder_to_hf(folder, out, folder)
+    with tempfile.TemporaryDirectory() as scratch: return _folder_to_hf(consolidate_checkpoint(folder, scratch), out, folder)
+
+def _folder_to_hf(folder: Path, out: Path, source: Path) -> dict:
+    "`to_hf` of a kd_lib model folder; the record names `source`."
+    from transformers import GenerationConfig
     model, quant = _load_student(folder)
     cfg, state = model.cfg, float_state_dict(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +251,7 @@ def to_hf(folder, # a kd_lib model folder (StudentLM.save_pretrained or save_int
     GenerationConfig(do_sample=False, **ids).save_pretrained(str(out))
     heads = side_heads(state)
     if heads: save_file(heads, str(out / 'kd_lib_heads.safetensors'))
-    record = dict(source=str(folder), architecture='LlamaForCausalLM', arch_fingerprint=arch_fingerprint(cfg), model=asdict(cfg),
+    record = dict(source=str(source), architecture='LlamaForCausalLM', arch_fingerprint=arch_fingerprint(cfg), model=asdict(cfg),
                   weights=f"dequantized from {quant['format']} ({quant['weights']} weights); activations are not quantized in "
                           'this export' if quant else 'float32, unchanged',
                   side_heads={'file': 'kd_lib_heads.safetensors', 'tensors': sorted(heads),

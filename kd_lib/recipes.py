@@ -5,15 +5,16 @@
 # %% auto #0
 __all__ = ['HALTING_EVAL_KEYS', 'TOKEN_REDUCTION_STUDENTS', 'TOKEN_REDUCTION_COLUMNS', 'QUALITY_KEYS', 'QAT_MODELS',
            'prepare_data', 'load_train_data', 'teacher_signal', 'load_qat_student', 'first_batches', 'eval_options',
-           'make_eval_fn', 'run_stage', 'save_final', 'save_qat_final', 'prepare_data_stage', 'build_cache_stage',
-           'token_reduction_configs', 'token_reduction_results', 'token_reduction_table', 'latent_curriculum_table',
-           'run_token_reduction', 'recovered_fraction', 'qat_report', 'qat_markdown']
+           'make_eval_fn', 'run_stage', 'final_model', 'save_final', 'save_qat_final', 'prepare_data_stage',
+           'build_cache_stage', 'token_reduction_configs', 'token_reduction_results', 'token_reduction_table',
+           'latent_curriculum_table', 'run_token_reduction', 'recovered_fraction', 'qat_report', 'qat_markdown']
 
 # %% ../nbs/70_recipes.ipynb #5fce954c
 import json
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from .config import Config, ConfigError, load_config
 from .dataset import KDDataset, LengthBucketBatchSampler
@@ -149,14 +150,25 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     if resume is not None or trainer.ckpt.latest() is not None: trainer.resume(resume, force=force)
     elif qat: calibrate(trainer.model, first_batches(dataset, sampler, cfg.qat.calibration_batches), cfg.qat.calibration_batches)
     result = trainer.fit(until=until)
-    if result.status in ('finished', 'already_finished') and info.is_main:
+    if result.status not in ('finished', 'already_finished'): return result
+    final = final_model(trainer)  # under FSDP every rank takes part in the gather
+    if info.is_main:
         if qat: save_qat_final(cfg, trainer, dataset, sampler, tokenizer, run_dir, result.step, device)
-        else: save_final(trainer.eval_model, tokenizer, run_dir/'final')
+        else: save_final(final, tokenizer, run_dir/'final')
         if cfg.halting.enabled:
             rows = load_eval_rows(cfg.data.eval_path, cfg.training.eval_examples)
             steps = cfg.training.steps
-            write_halt_records(halt_records(trainer.eval_model, tokenizer, rows, cfg.halting, steps, steps), run_dir)
+            write_halt_records(halt_records(final, tokenizer, rows, cfg.halting, steps, steps), run_dir)
     return result
+
+def final_model(trainer: Trainer) -> StudentLM | None:
+    "The model to save: `trainer.eval_model`, or under FSDP a full copy on rank 0 (None elsewhere; every rank calls)."
+    if not trainer.fsdp: return trainer.eval_model
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not trainer.info.is_main: return None
+    model = StudentLM(trainer.model.cfg)
+    model.load_state_dict(full)
+    return model.to(trainer.device).eval()
 
 def save_final(model: StudentLM, tokenizer, folder) -> Path:
     "Save a trained model with its tokenizer as a self-contained folder."

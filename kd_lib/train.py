@@ -14,13 +14,15 @@ import logging
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fastcore.basics import patch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -225,140 +227,185 @@ class Trainer:
         "The weights to evaluate and ship: the moving average when `training.ema_decay` > 0, else the model."
         return self.ema.module if self.ema is not None else self.model
 
-    def _weights(self) -> tuple[dict, dict, dict]:
-        "Model, aux and optimizer state dicts; under FSDP full tensors on CPU, gathered from every rank (all must call)."
-        aux = self.aux if self.aux is not None else nn.Module()
-        if not self.fsdp: return self.model.state_dict(), aux.state_dict(), self.optimizer.state_dict()
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.model, options=full), get_model_state_dict(aux, options=full),
-                get_optimizer_state_dict(self.ddp, self.optimizer, options=full))
+# %% ../nbs/40_train.ipynb #e87d7d85
+@patch
+def _weights(self: Trainer) -> tuple[dict, dict, dict]:
+    "Model, aux and optimizer state dicts; under FSDP full tensors on CPU, gathered from every rank (all must call)."
+    aux = self.aux if self.aux is not None else nn.Module()
+    if not self.fsdp: return self.model.state_dict(), aux.state_dict(), self.optimizer.state_dict()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(self.model, options=full), get_model_state_dict(aux, options=full),
+            get_optimizer_state_dict(self.ddp, self.optimizer, options=full))
 
-    def _load_weights(self, s: dict):
-        if not self.fsdp:
-            self.model.load_state_dict(s['model'])
-            if self.aux is not None: self.aux.load_state_dict(s['aux'])
-            return self.optimizer.load_state_dict(s['optimizer'])
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, s['model'], options=full)
-        if self.aux is not None: set_model_state_dict(self.aux, s['aux'], options=full)
-        set_optimizer_state_dict(self.ddp, self.optimizer, s['optimizer'], options=full)
+@patch
+def _load_weights(self: Trainer, s: dict):
+    if not self.fsdp:
+        self.model.load_state_dict(s['model'])
+        if self.aux is not None: self.aux.load_state_dict(s['aux'])
+        return self.optimizer.load_state_dict(s['optimizer'])
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(self.model, s['model'], options=full)
+    if self.aux is not None: set_model_state_dict(self.aux, s['aux'], options=full)
+    set_optimizer_state_dict(self.ddp, self.optimizer, s['optimizer'], options=full)
 
-    def state(self) -> dict:
-        "Everything needed to resume exactly."
-        model, aux, optimizer = self._weights()
-        return {'model': model, 'aux': aux, 'ema': self.ema.state_dict() if self.ema is not None else {},
-                'optimizer': optimizer, 'scheduler': self.scheduler.state_dict(),
-                'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
-                'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
+@patch
+def _shards(self: Trainer) -> dict:
+    "This rank's shards of the model, aux (when it holds any state) and optimizer states (FSDP DTensors), for DCP."
+    shards = {'model': get_model_state_dict(self.model), 'optim': get_optimizer_state_dict(self.ddp, self.optimizer)}
+    if self.aux is not None and self.aux.state_dict(): shards['aux'] = get_model_state_dict(self.aux)
+    return shards
 
-    def resume(self, path=None, force: bool = False) -> bool:
-        "Load the newest complete checkpoint (or `path`); False when there is none."
-        if path is None and self.ckpt.latest() is None: return False
-        s = self.ckpt.load(path, expect=self.fingerprints or None, force=force)
-        self._load_weights(s)
-        self.scheduler.load_state_dict(s['scheduler'])
-        self.scaler.load_state_dict(s['scaler'])
-        if self.ema is not None and s.get('ema'): self.ema.load_state_dict(s['ema'])  # else the first update starts it from these weights
-        self.stream.load_state_dict(s['data'])
-        restore_rng_state(s['rng'])
-        self.step, self.nonfinite_total = int(s['step']), int(s['nonfinite_total'])
-        log.info('Resumed from checkpoint step %d', self.step)
-        return True
+@patch
+def _load_shards(self: Trainer, folder: str):
+    "Load the DCP shards of a sharded checkpoint into the model, aux and optimizer (every rank calls)."
+    shards = self._shards()
+    dcp.load(shards, checkpoint_id=folder)
+    set_model_state_dict(self.model, shards['model'])
+    if 'aux' in shards: set_model_state_dict(self.aux, shards['aux'])
+    set_optimizer_state_dict(self.ddp, self.optimizer, shards['optim'])
 
-    def _save(self, metrics=None):
-        state = self.state() if self.info.is_main or self.fsdp else None  # FSDP: every rank gathers the weights
-        if self.info.is_main: self.ckpt.save(self.step, state, metrics=metrics)
-        if self.info.world_size > 1: dist.barrier()
+@patch
+def _rest(self: Trainer) -> dict:
+    "The state besides the weights and optimizer: schedule, RNG, data position, counters, config, fingerprints."
+    return {'ema': self.ema.state_dict() if self.ema is not None else {}, 'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(), 'rng': capture_rng_state(), 'data': self.stream.state_dict(),
+            'step': self.step, 'nonfinite_total': self.nonfinite_total, 'config': self.cfg.to_dict(), **self.fingerprints}
 
-    def _micro_batches(self) -> tuple[list, dict]:
-        mbs = [_to_device(self.stream.next(), self.device) for _ in range(self.cfg.training.grad_accum)]
-        return mbs, step_counts(getattr(self.loss_fn, 'counts', kept_tokens), mbs, self.step, self.info)
+@patch
+def _sharded_rest(self: Trainer) -> dict | None:
+    "Rank 0: `_rest` with every rank's RNG states and the architecture; other ranks: None (all must call)."
+    rngs = [None] * self.info.world_size
+    dist.all_gather_object(rngs, capture_rng_state())
+    arch = self.model.cfg if is_dataclass(getattr(self.model, 'cfg', None)) else None
+    return {**self._rest(), 'rank_rng': rngs, 'model_config': asdict(arch) if arch else {}} if self.info.is_main else None
 
-    def train_step(self) -> tuple[float, dict, float]:
-        "One optimizer step over `grad_accum` micro-batches: (loss, components, grad_norm)."
-        self.model.train()
-        mbs, counts = self._micro_batches()
-        total, comps = 0.0, {}
-        for i, mb in enumerate(mbs):
-            sync = i == len(mbs) - 1 or self.info.world_size == 1 or self.fsdp  # FSDP reduces every micro-batch
-            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-            with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                loss, parts = self.loss_fn(self.ddp, mb, counts, self.step)
-            if self.nonfinite_hook is not None: loss = self.nonfinite_hook(self.step, loss)
-            # DDP averages gradients over processes; the loss is already normalised by the step's global counts
-            with ctx: (loss * self.info.world_size).backward()
-            total += loss.detach()
-            for k, v in parts.items(): comps[k] = comps.get(k, 0.0) + float(v)
-        clip = self.cfg.training.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float('inf'))
-        if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor
-        loss_value = float(_all_reduce_sum(total.clone(), self.info)) if torch.is_tensor(total) else total
-        return loss_value, comps, float(grad_norm)
+@patch
+def state(self: Trainer) -> dict:
+    "Everything needed to resume exactly."
+    model, aux, optimizer = self._weights()
+    return {'model': model, 'aux': aux, 'optimizer': optimizer, **self._rest()}
 
-    def _on_sigterm(self, signum, frame): self._sigterm = True
+@patch
+def resume(self: Trainer, path=None, force: bool = False) -> bool:
+    "Load the newest complete checkpoint (or `path`); False when there is none."
+    if path is None and self.ckpt.latest() is None: return False
+    s = self.ckpt.load(path, expect=self.fingerprints or None, force=force)
+    if 'shards' in s: self._load_shards(s['shards'])
+    else: self._load_weights(s)
+    self.scheduler.load_state_dict(s['scheduler'])
+    self.scaler.load_state_dict(s['scaler'])
+    if self.ema is not None and s.get('ema'): self.ema.load_state_dict(s['ema'])  # else the first update starts it from these weights
+    self.stream.load_state_dict(s['data'])
+    restore_rng_state(s['rank_rng'][self.info.rank] if len(s.get('rank_rng', [])) == self.info.world_size else s['rng'])
+    self.step, self.nonfinite_total = int(s['step']), int(s['nonfinite_total'])
+    log.info('Resumed from checkpoint step %d', self.step)
+    return True
 
-    def fit(self, until: int | None = None # stop (checkpointed) after this step: simulates an interruption
-           ) -> TrainResult:
-        "Train to `training.steps`, resuming from the newest checkpoint if there is one."
-        t = self.cfg.training
-        if self.step >= t.steps: return TrainResult('already_finished', self.step, f'run already finished at step {self.step}')
-        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
-        tracer = Tracer(self.run_dir, self.cfg.tracing, t.steps, config=self.cfg, start_step=self.step, rank=self.info.rank)
-        try: return self._loop(tracer, until)
-        finally:
-            tracer.close()
-            if old_handler is not None: signal.signal(signal.SIGTERM, old_handler)
+@patch
+def _save(self: Trainer, metrics=None):
+    if self.fsdp: self.ckpt.save_sharded(self.step, self._sharded_rest(), self._shards(), metrics=metrics)
+    elif self.info.is_main: self.ckpt.save(self.step, self.state(), metrics=metrics)
+    if self.info.world_size > 1: dist.barrier()
 
-    def _loop(self, tracer, until) -> TrainResult:
-        t = self.cfg.training
-        while self.step < t.steps:
-            loss, comps, grad_norm = self.train_step()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_total += 1
-                self.nonfinite_in_row += 1
-                tracer.log(self.step, {'nonfinite_total': self.nonfinite_total, 'nonfinite_in_row': self.nonfinite_in_row}, split='guard')
-                if self.nonfinite_in_row >= t.max_nonfinite:
-                    self._save()
-                    reason = f'{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; saved the last good state'
-                    return TrainResult('nonfinite', self.step, reason)
-                continue
-            self.nonfinite_in_row = 0
-            self.optimizer.step()
-            self.scheduler.step()
+# %% ../nbs/40_train.ipynb #bb0061db
+@patch
+def _micro_batches(self: Trainer) -> tuple[list, dict]:
+    mbs = [_to_device(self.stream.next(), self.device) for _ in range(self.cfg.training.grad_accum)]
+    return mbs, step_counts(getattr(self.loss_fn, 'counts', kept_tokens), mbs, self.step, self.info)
+
+@patch
+def train_step(self: Trainer) -> tuple[float, dict, float]:
+    "One optimizer step over `grad_accum` micro-batches: (loss, components, grad_norm)."
+    self.model.train()
+    mbs, counts = self._micro_batches()
+    total, comps = 0.0, {}
+    for i, mb in enumerate(mbs):
+        sync = i == len(mbs) - 1 or self.info.world_size == 1 or self.fsdp  # FSDP reduces every micro-batch
+        ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+        with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            loss, parts = self.loss_fn(self.ddp, mb, counts, self.step)
+        if self.nonfinite_hook is not None: loss = self.nonfinite_hook(self.step, loss)
+        # DDP averages gradients over processes; the loss is already normalised by the step's global counts
+        with ctx: (loss * self.info.world_size).backward()
+        total += loss.detach()
+        for k, v in parts.items(): comps[k] = comps.get(k, 0.0) + float(v)
+    clip = self.cfg.training.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float('inf'))
+    if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()  # FSDP: a DTensor
+    loss_value = float(_all_reduce_sum(total.clone(), self.info)) if torch.is_tensor(total) else total
+    return loss_value, comps, float(grad_norm)
+
+# %% ../nbs/40_train.ipynb #7822cef0
+@patch
+def _on_sigterm(self: Trainer, signum, frame): self._sigterm = True
+
+@patch
+def fit(self: Trainer, until: int | None = None # stop (checkpointed) after this step: simulates an interruption
+       ) -> TrainResult:
+    "Train to `training.steps`, resuming from the newest checkpoint if there is one."
+    t = self.cfg.training
+    if self.step >= t.steps: return TrainResult('already_finished', self.step, f'run already finished at step {self.step}')
+    old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+    tracer = Tracer(self.run_dir, self.cfg.tracing, t.steps, config=self.cfg, start_step=self.step, rank=self.info.rank)
+    try: return self._loop(tracer, until)
+    finally:
+        tracer.close()
+        if old_handler is not None: signal.signal(signal.SIGTERM, old_handler)
+
+@patch
+def _loop(self: Trainer, tracer, until) -> TrainResult:
+    t = self.cfg.training
+    while self.step < t.steps:
+        loss, comps, grad_norm = self.train_step()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None: self.ema.update_parameters(self.model)
-            self.step += 1
-            if self.step % self.cfg.tracing.log_every == 0 or self.step == t.steps:
-                lr = self.scheduler.get_last_lr()[0]
-                tracer.log(self.step, {'loss': loss, 'lr': lr, 'grad_norm': grad_norm, **comps})
-            tracer.update_progress(self.step, {'loss': f'{loss:.4f}'})
-            eval_due = self._eval_due()
-            metrics = self._evaluate(tracer) if eval_due else None
-            if self.ckpt.should_save(self.step) or self.step == t.steps or (eval_due and self.cfg.checkpoint.best_metric):
-                self._save(metrics)
-            if self._sigterm_agreed():
-                if not self.ckpt.should_save(self.step) and self.step != t.steps: self._save()
-                return TrainResult('preempted', self.step, 'SIGTERM: checkpoint saved')
-            if until is not None and self.step >= until:
-                if not self.ckpt.should_save(self.step): self._save()
-                return TrainResult('stopped', self.step, f'stopped at step {until}')
-        return TrainResult('finished', self.step)
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            tracer.log(self.step, {'nonfinite_total': self.nonfinite_total, 'nonfinite_in_row': self.nonfinite_in_row}, split='guard')
+            if self.nonfinite_in_row >= t.max_nonfinite:
+                self._save()
+                reason = f'{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; saved the last good state'
+                return TrainResult('nonfinite', self.step, reason)
+            continue
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None: self.ema.update_parameters(self.model)
+        self.step += 1
+        if self.step % self.cfg.tracing.log_every == 0 or self.step == t.steps:
+            lr = self.scheduler.get_last_lr()[0]
+            tracer.log(self.step, {'loss': loss, 'lr': lr, 'grad_norm': grad_norm, **comps})
+        tracer.update_progress(self.step, {'loss': f'{loss:.4f}'})
+        eval_due = self._eval_due()
+        metrics = self._evaluate(tracer) if eval_due else None
+        if self.ckpt.should_save(self.step) or self.step == t.steps or (eval_due and self.cfg.checkpoint.best_metric):
+            self._save(metrics)
+        if self._sigterm_agreed():
+            if not self.ckpt.should_save(self.step) and self.step != t.steps: self._save()
+            return TrainResult('preempted', self.step, 'SIGTERM: checkpoint saved')
+        if until is not None and self.step >= until:
+            if not self.ckpt.should_save(self.step): self._save()
+            return TrainResult('stopped', self.step, f'stopped at step {until}')
+    return TrainResult('finished', self.step)
 
-    def _eval_due(self) -> bool:
-        every = self.cfg.training.eval_every
-        return self.eval_fn is not None and (bool(every and self.step % every == 0) or self.step == self.cfg.training.steps)
+@patch
+def _eval_due(self: Trainer) -> bool:
+    every = self.cfg.training.eval_every
+    return self.eval_fn is not None and (bool(every and self.step % every == 0) or self.step == self.cfg.training.steps)
 
-    def _evaluate(self, tracer) -> dict | None:
-        if not self.info.is_main: return None
-        self.eval_model.eval()
-        with torch.no_grad(): metrics = self.eval_fn(self.eval_model, self.step)
-        tracer.log(self.step, metrics, split='eval')
-        return metrics
+@patch
+def _evaluate(self: Trainer, tracer) -> dict | None:
+    if not self.info.is_main: return None
+    self.eval_model.eval()
+    with torch.no_grad(): metrics = self.eval_fn(self.eval_model, self.step)
+    tracer.log(self.step, metrics, split='eval')
+    return metrics
 
-    def _sigterm_agreed(self) -> bool:
-        flag = torch.tensor(float(self._sigterm))
-        return bool(_all_reduce_sum(flag, self.info) > 0)
+@patch
+def _sigterm_agreed(self: Trainer) -> bool:
+    flag = torch.tensor(float(self._sigterm))
+    return bool(_all_reduce_sum(flag, self.info) > 0)
 
 def _in_main_thread() -> bool:
     import threading

@@ -1,4 +1,5 @@
 "Two CPU processes under torchrun (gloo) give the same weights as one process with the same global batch."
+import json
 import shutil
 import subprocess
 
@@ -21,13 +22,20 @@ def _train(run_dir, data, env, extra, nproc=None):
 
 @pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
 def test_two_processes_equal_one_process_same_global_batch(tmp_path, cli_env):
-    "Also with halt / self-eval heads that no term trains (frozen, so DDP's reduction does not wait for them)."
+    """Also with halt / self-eval heads that no term trains (frozen, so DDP's reduction does not wait for them), and under
+    `kd-lib train --set training.parallel=fsdp` (sharded checkpoints, the final model gathered to rank 0)."""
     heads = ['model.halt_head=true', 'model.self_eval_head=true']
     single = _train(tmp_path / 'single', tmp_path / 'data', cli_env, ['training.batch_size=4', *heads])
     double = _train(tmp_path / 'ddp', tmp_path / 'data', cli_env, ['training.batch_size=2', *heads], nproc=2)
     assert single.keys() == double.keys()
     for k in single:
         assert torch.allclose(single[k], double[k], atol=2e-5, rtol=1e-4), (k, (single[k] - double[k]).abs().max())
+    fsdp = ['training.batch_size=2', 'training.parallel=fsdp', *heads]
+    sharded = _train(tmp_path / 'fsdp', tmp_path / 'data', cli_env, fsdp, nproc=2)
+    assert sharded.keys() == single.keys() and (tmp_path / 'fsdp' / 'final' / 'tokenizer.json').is_file()
+    for k in single:
+        assert torch.allclose(single[k], sharded[k], atol=2e-5, rtol=1e-4), (k, (single[k] - sharded[k]).abs().max())
+    assert json.loads((tmp_path / 'fsdp' / 'checkpoints' / 'checkpoint_step_3' / 'meta.json').read_text())['sharded']
     start = _train(tmp_path / 'fresh', tmp_path / 'data', cli_env, ['training.batch_size=4', 'training.steps=1', *heads])
     assert any(not torch.allclose(single[k], start[k]) for k in single)  # the comparison above is not vacuous
 
@@ -96,3 +104,21 @@ def test_fsdp_resume_equals_uninterrupted_run(tmp_path, cli_env):
     for k, w in runs['straight'].items():
         assert torch.equal(runs['resumed'][k], w), k
     assert any(not torch.equal(runs['after_one'][k], w) for k, w in runs['straight'].items())  # not vacuous
+    _check_sharded_checkpoint(tmp_path / 'resumed' / 'checkpoints', runs['resumed'], tmp_path)
+
+
+def _check_sharded_checkpoint(folder, weights, tmp_path):
+    "The last checkpoint is sharded (one DCP file per rank, every rank's RNG states) and exports the trained weights."
+    from kd_lib.checkpoint import CheckpointManager
+    from kd_lib.export import consolidate_checkpoint, to_hf
+    manager = CheckpointManager(folder, total_steps=3)
+    ckpt = manager.latest()
+    meta = json.loads((ckpt / 'meta.json').read_text())
+    assert ckpt.name == 'checkpoint_step_3' and meta['sharded'] and {'__0_0.distcp', '__1_0.distcp'} <= set(meta['files'])
+    assert len(manager.load(ckpt)['rank_rng']) == 2
+    model = {k.removeprefix('model.'): w for k, w in weights.items() if k.startswith('model.')}
+    consolidated = load_file(str(consolidate_checkpoint(ckpt, tmp_path / 'consolidated') / 'model.safetensors'))
+    assert consolidated.keys() == model.keys()
+    for k, w in model.items(): assert torch.equal(consolidated[k], w), k
+    record = to_hf(ckpt, tmp_path / 'hf')
+    assert record['source'] == str(ckpt) and (tmp_path / 'hf' / 'model.safetensors').is_file()

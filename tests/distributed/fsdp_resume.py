@@ -1,4 +1,5 @@
-"""Three steps of the full objective (no code mode) under FSDP, uninterrupted and stopped after step 1 then resumed.
+"""Three steps of the full objective (no code mode) under FSDP, uninterrupted and stopped after step 1 then resumed
+from its sharded (DCP) checkpoint.
 
 Run under torchrun as `fsdp_resume.py DATA OUT`; saves both runs' final weights (full tensors) from rank 0.
 """

@@ -46,7 +46,8 @@ def build_trainer(data: Path, run_dir: Path, micro_batch: int, grad_accum: int, 
     sampler = [list(range(i, i + per_step)) for i in range(0, ROWS, per_step)]
     # FSDP: every rank must run the same forward passes, so no code-mode term (its extra forward depends on the rows)
     code = {} if parallel == 'fsdp' or code_mode == 'nocode' else {'code_mode': CODE_MODE}
-    sections = {**SECTIONS, **code, 'process': {**SECTIONS['process'], 'caws_weight': 0.1, 'caws_policy': str(data/'caws.yaml')}}
+    sections = {**SECTIONS, **code, 'process': {**SECTIONS['process'], 'caws_weight': 0.1, 'caws_policy': str(data/'caws.yaml')},
+                'data': {**SECTIONS['data'], 'tokenizer_path': str(data/'tokenizer.json')}}
     cfg = config_from_dict({'model': {**MODEL, **HEADS}, 'teacher': {'kind': 'checkpoint', 'path': 'x'}, **sections,
                             'training': dict(steps=steps, batch_size=micro_batch, grad_accum=grad_accum, lr=1e-3, grad_clip=0.0,
                                              parallel=parallel, activation_checkpointing=parallel == 'fsdp'),
