@@ -189,11 +189,12 @@ def evaluate_chat_model(model, # StudentLM or HFStudent
                         teacher=None, # the white-box teacher for the KL, or None
                         generate: bool = True, # also generate and score the first tool call
                         max_new_tokens: int = 64, # generated tokens per row
-                        batch_size: int = 8, # rows per batch
+                        batch_size: int = 8, # rows generated together (each decoding step reads all weights: larger is cheaper)
+                        forced_batch_size: int = 4, # rows per teacher-forced pass (holds [B, T, V] logits of model and teacher)
                        ) -> dict: # teacher-forced metrics, first-call metrics, seconds, and the generations
     "Teacher-forced perplexity and KL on the reference assistant text, and the first generated tool call, on held-out chat rows."
     t0 = time.time()
-    out = teacher_forced_metrics(model, dataset, teacher, batch_size=max(1, batch_size // 2))
+    out = teacher_forced_metrics(model, dataset, teacher, batch_size=forced_batch_size)
     if generate:
         rows = [json.loads(line) for line in dataset.path.read_text(encoding='utf-8').splitlines() if line.strip()]
         texts = generate_first_call(model, tokenizer, first_call_prompts(rows, tokenizer), max_new_tokens, batch_size)
@@ -213,9 +214,9 @@ class RealPlan:
     train_rows: int = 400 # training conversations
     eval_rows: int = 40 # held-out conversations
     teacher_steps: int = 30 # fine-tuning steps of the teacher
-    teacher_lr: float = 1e-4 # its peak learning rate
+    teacher_lr: float = 2e-4 # its peak learning rate
     finetune_below: float = 0.9 # fine-tune the teacher when its tool-name accuracy out of the box is below this
-    student_steps: int = 40 # steps of every student (equal steps)
+    student_steps: int = 30 # steps of every student (equal steps)
     student_lr: float = 3e-4 # peak learning rate of every student
     prune_layers: int = 8 # teacher layers the students keep
     prune_mlp_hidden: int = 768 # MLP channels the students keep per layer
