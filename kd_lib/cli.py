@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument('--run-dir', default='runs/default', help='pipeline folder (a rerun resumes at the first unfinished stage)')
     pl.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE',
                     help='overrides applied to every stage (may be given several times)')
+    rl = sub.add_parser('real', help='the real run: fine-tune SmolLM2-135M-Instruct on tool use, then CE and KD into pruned students')
+    rl.add_argument('--run-dir', default='runs/real', help='run folder (a rerun resumes at the first unfinished stage)')
+    rl.add_argument('--set', nargs='+', action='extend', default=[], dest='overrides', metavar='KEY=VALUE',
+                    help='config overrides for every stage, or real.* sizes (e.g. real.student_steps=60)')
     add_eval_arguments(sub.add_parser('eval', help='evaluate model folders on the held-out split'))
     ex = sub.add_parser('export', help='export a kd_lib model folder to another ecosystem')
     ex.add_argument('src', help='kd_lib model folder (e.g. RUN/final, an int8 folder from the qat stage) or a sharded FSDP checkpoint')
@@ -66,8 +70,16 @@ def _train(args) -> int:
     return 1 if result.status == 'nonfinite' else 0
 
 def _pipeline(args) -> int:
-    from kd_lib.pipeline import PipelineError, run_default_pipeline  # papermill takes seconds to import: `train` skips it
+    from kd_lib.stages import PipelineError
+    from kd_lib.pipeline import run_default_pipeline  # papermill takes seconds to import: `train` skips it
     try: run_default_pipeline(args.run_dir, args.overrides)
+    except PipelineError as e: return _user_error(e)
+    return 0
+
+def _real(args) -> int:
+    from kd_lib.stages import PipelineError
+    from kd_lib.real import run_real_pipeline
+    try: run_real_pipeline(args.run_dir, args.overrides)
     except PipelineError as e: return _user_error(e)
     return 0
 
@@ -101,6 +113,7 @@ def main(argv=None) -> int:
     try:
         if args.command == 'train': return _train(args)
         if args.command == 'pipeline': return _pipeline(args)
+        if args.command == 'real': return _real(args)
         if args.command == 'export': return _export(args)
         if args.command == 'plan': return _plan(args)
         if args.command == 'generate': return _generate(args)

@@ -87,6 +87,7 @@ class DataConfig:
     vocab_size: int = _key(4096, 'BPE vocabulary size when kd_lib builds the tokenizer', ge=300)
     plans: bool = _key(False, 'attach a short plan before each tool call (latent curriculum)')
     code_mode: bool = _key(False, 'also render multi-call episodes as a tool-calling program')
+    format: Literal['tag', 'chat'] = _key('tag', "rows the embedded generator writes: 'tag' (prompt, teacher_text) or 'chat' (messages with tool calls)")
     cache_dir: str = _key('', "token-cache folder; '' = $KD_LIB_CACHE/tokens, else ~/.cache/kd_lib/tokens (never next to the data)")
 
 @dataclass(frozen=True)

@@ -230,11 +230,29 @@ def _write_tokenizer(folder: Path, out: Path, max_length: int):
     tok.save_pretrained(str(out))
     return tok, 'built from tokenizer.json with the kd_lib chat template'
 
-def to_hf(folder, # a kd_lib model folder (save_pretrained or save_int8, with tokenizer.json) or a sharded checkpoint
+def _is_hf_folder(folder: Path) -> bool:
+    "Whether a model folder is a Hugging Face one (an HFStudent's final folder) rather than a kd_lib StudentLM folder."
+    config = folder / 'config.json'
+    return config.is_file() and 'model_type' in json.loads(config.read_text(encoding='utf-8'))
+
+def _hf_to_hf(folder: Path, out: Path) -> dict:
+    "Re-save a Hugging Face student folder (its weights through transformers) with its tokenizer; the export record."
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    _, tokenizer_note = _write_tokenizer(folder, out, model.config.max_position_embeddings)
+    model.save_pretrained(out)
+    record = dict(source=str(folder), architecture=type(model).__name__, model=model.config.to_dict(),
+                  weights='float32, unchanged (a Hugging Face student folder)', side_heads=None, tokenizer=tokenizer_note)
+    (out / 'kd_lib_export.json').write_text(json.dumps(record, indent=2, default=str) + '\n', encoding='utf-8')
+    return record
+
+def to_hf(folder, # a kd_lib model folder (save_pretrained or save_int8, with tokenizer.json), a sharded checkpoint or an HFStudent's final folder
           out, # the Hugging Face folder to write (created)
          ) -> dict: # the export record (also written to out/kd_lib_export.json)
     "Export a kd_lib student folder (or a sharded checkpoint, consolidated first) as a transformers LlamaForCausalLM folder."
     folder, out = Path(folder), Path(out)
+    if _is_hf_folder(folder): return _hf_to_hf(folder, out)
     if not is_sharded_checkpoint(folder): return _folder_to_hf(folder, out, folder)
     with tempfile.TemporaryDirectory() as scratch: return _folder_to_hf(consolidate_checkpoint(folder, scratch), out, folder)
 

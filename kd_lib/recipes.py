@@ -38,7 +38,7 @@ from .tracing import read_metrics
 
 # %% ../nbs/70_recipes.ipynb #578b494b
 def prepare_data(cfg: Config) -> dict:
-    "Write the synthetic corpus and train the tokenizer if `data.*_path` do not exist yet."
+    "Write the synthetic corpus (and train kd_lib's tokenizer unless the run uses the teacher's) if `data.*_path` do not exist yet."
     d = cfg.data
     train, evl, tok = Path(d.train_path), Path(d.eval_path), Path(d.tokenizer_path)
     if not train.exists() and not evl.exists():
@@ -46,18 +46,19 @@ def prepare_data(cfg: Config) -> dict:
             raise ConfigError(f'data.train_path: {train} does not exist '
                               '(kd_lib only generates <folder>/train.jsonl and <folder>/eval.jsonl)')
         write_corpus(train.parent, d.synth_train_episodes, d.synth_eval_episodes, d.synth_seed, plans=d.plans,
-                     code_mode=d.code_mode)
+                     code_mode=d.code_mode, fmt=d.format)
     for key, p in (('data.train_path', train), ('data.eval_path', evl)):
         if not p.exists(): raise ConfigError(f'{key}: {p} does not exist')
-    if not tok.exists():
-        texts = (row['prompt'] + row['teacher_text'] for row in map(json.loads, train.open(encoding='utf-8')))
+    if not tok.exists() and cfg.student.tokenizer == 'kd_lib':
+        texts = (row['prompt'] + row['teacher_text'] if 'prompt' in row else '\n'.join(m.get('content') or '' for m in row['messages'])
+                 for row in map(json.loads, train.open(encoding='utf-8')))
         save_tokenizer(build_tokenizer(texts, vocab_size=d.vocab_size), tok)
     return {'train': str(train), 'eval': str(evl), 'tokenizer': str(tok)}
 
 def load_train_data(cfg: Config, tokenizer, info: DistInfo = DistInfo()) -> tuple:
     "The training dataset (with the teacher cache attached when teacher.kind is 'cache') and its batch sampler."
     ds = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row,
-                   train_tool_results=cfg.process.train_tool_results)
+                   train_tool_results=cfg.process.train_tool_results, cache_dir=cfg.data.cache_dir or None)
     if cfg.teacher.kind == 'cache': ds.attach_teacher_cache(TeacherCache(cfg.teacher.path, tokenizer=tokenizer))
     global_batch = cfg.training.batch_size * info.world_size
     sampler = LengthBucketBatchSampler(ds.lengths, global_batch, seed=cfg.training.seed, shuffle=True, drop_last=True)

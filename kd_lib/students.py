@@ -291,7 +291,8 @@ def prune_report_markdown(report: dict) -> str:
 # %% ../nbs/14_students.ipynb #3ab58661
 def calibration_batches(cfg: Config, tokenizer) -> list:
     "The first `student.calibration_batches` batches of `training.batch_size` training rows, as (input_ids, attention_mask)."
-    ds = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row)
+    ds = KDDataset(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length, on_bad_row=cfg.data.on_bad_row,
+                   cache_dir=cfg.data.cache_dir or None)
     bs, n = cfg.training.batch_size, min(len(ds), cfg.training.batch_size * cfg.student.calibration_batches)
     return [(b['input_ids'], b['attention_mask']) for b in (ds.collate([ds[i] for i in range(s, min(s + bs, n))]) for s in range(0, n, bs))]
 

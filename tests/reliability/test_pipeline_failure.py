@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 import kd_lib.pipeline
-from kd_lib.pipeline import PipelineError, Stage, run_stages
+from kd_lib.stages import PipelineError, Stage, run_stages
 from reliability_helpers import run_cli_inprocess
 
 
