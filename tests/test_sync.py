@@ -93,3 +93,13 @@ def test_no_unused_imports_in_exported_code():
     files = [p for p in sorted((ROOT / 'kd_lib').glob('*.py')) if p.name != '_modidx.py']
     pyflakes.checkRecursive([str(p) for p in files], Reporter(out, out))
     assert not out.getvalue(), out.getvalue()
+
+
+def test_every_config_key_is_read_by_the_library():
+    "A key no module reads would do nothing: each is read as an attribute (`.steps`) or named ('training.steps')."
+    import dataclasses
+    from kd_lib.config import Config
+    code = '\n'.join(p.read_text() for p in (ROOT / 'kd_lib').glob('*.py') if p.name not in ('config.py', '_modidx.py'))
+    unread = [f'{s.name}.{f.name}' for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory())
+              if not re.search(rf"\.{f.name}\b|['\"]{s.name}\.{f.name}['\"]", code)]
+    assert not unread, f'config keys no module reads: {unread}'
