@@ -188,13 +188,9 @@ def _chat_fields(row: dict, path, line: int) -> tuple:
     if not any(m['role'] == 'assistant' for m in messages): raise DataError(path, line, 'messages', 'no assistant message (nothing to train on)')
     return messages, tools, _metadata(row, path, line)
 
-def parse_chat_row(raw: bytes, # one line of the file (without the newline)
-                   path, # file name for messages
-                   line: int, # 1-based line number for messages
-                   last_without_newline: bool = False, # the final line of a file that does not end in a newline
-                   max_row_bytes: int = 1 << 20, # longer lines are rejected
+def parse_chat_row(raw: bytes, path, line: int, last_without_newline: bool = False, max_row_bytes: int = 1 << 20
                   ) -> tuple: # (messages, tools, metadata)
-    "Validate one JSONL row of the chat format."
+    "Validate one JSONL row of the chat format (arguments as for `parse_row`)."
     row = _load_row(raw, path, line, last_without_newline, max_row_bytes)
     if 'messages' not in row: raise DataError(path, line, 'messages', 'missing required field')
     return _chat_fields(row, path, line)

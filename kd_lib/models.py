@@ -336,20 +336,13 @@ def decode(self: StudentLM,
 def generate(self: StudentLM,
              input_ids: torch.Tensor, # [B, T] prompt ids (left or right padded)
              attention_mask: torch.Tensor | None = None, # [B, T] 1 = real token
-             max_new_tokens: int = 64, # generation budget
-             temperature: float = 0.0, # 0: greedy
-             top_k: int | None = None, # sample among the k most likely
-             stop_ids=(), # token ids that end a row (included in the output)
-             generator: torch.Generator | None = None, # random source for sampling
-             pad_id: int = 0, # fills rows that already stopped
-             return_logits: bool = False, # also return the logits each token was sampled from
+             **options, # `decode`'s sampling options: max_new_tokens, temperature, top_k, stop_ids, generator, pad_id, return_logits
             ) -> Generation:
     "KV-cached batched generation (eval mode): `prefill` then `decode`."
     was_training = self.training
     self.eval()
     cache, next_logits = self.prefill(input_ids, attention_mask)
-    out = self.decode(cache, next_logits, max_new_tokens, temperature, top_k, stop_ids, generator, pad_id,
-                      return_logits, continue_cache=False)
+    out = self.decode(cache, next_logits, **options, continue_cache=False)
     self.train(was_training)
     return out
 
