@@ -23,7 +23,7 @@ from .config import Config, ConfigError
 from .dataset import KDDataset
 from .device import get_training_device
 from .models import LMOutput, StudentLM, arch_fingerprint, count_parameters, last_real_index, positions_from_mask
-from .teachers import load_teacher
+from .teachers import load_teacher, plain_head_weight
 
 # %% ../nbs/14_students.ipynb #71d0294c
 @dataclass(frozen=True)
@@ -71,18 +71,12 @@ class HFCache:
         return positions
 
 # %% ../nbs/14_students.ipynb #12bbd9e9
-def _plain_head(model) -> None:
-    "Raise unless logits = final hidden @ output embedding weight.T."
-    head, config = model.get_output_embeddings(), model.config
-    if getattr(head, 'bias', None) is not None or getattr(config, 'final_logit_softcapping', None) or getattr(config, 'logit_scale', None):
-        raise NotImplementedError(f'{type(model).__name__}: an HF student needs a plain linear output head')
-
 class HFStudent(nn.Module):
     "A Hugging Face causal LM with StudentLM's interface (forward, output_weight, cfg, prefill/step, save_pretrained)."
     def __init__(self, hf_model: nn.Module # e.g. a LlamaForCausalLM
                 ):
         super().__init__()
-        _plain_head(hf_model)
+        plain_head_weight(hf_model, 'an HF student needs a plain linear output head')
         if next(hf_model.named_parameters(recurse=False), None) is not None:
             raise NotImplementedError(f'{type(hf_model).__name__}: parameters outside its submodules')
         object.__setattr__(self, 'hf', hf_model)  # not a submodule: its children are, under their Hugging Face names
