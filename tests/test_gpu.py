@@ -144,3 +144,14 @@ def test_cuda_fsdp2_bf16_step_matches_unsharded(tmp_path):
             assert F.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.99, name
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gpu_stage_steps_script_on_cpu(capsys):
+    "bench/gpu_check.sh's stage check, run here through CPU bf16 autocast so that it cannot rot between GPU sessions."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_stage_steps', ROOT / 'bench/gpu_stage_steps.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(['--device', 'cpu', '--rel-tol', '0.05']) == 0, capsys.readouterr().err
+    assert {'kd fused (live teacher)', 'process', 'qat'} <= {line[:30].strip() for line in capsys.readouterr().out.splitlines()}
