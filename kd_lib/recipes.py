@@ -144,6 +144,7 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     qat = cfg.training.stage == 'qat'
     model = load_qat_student(cfg, tokenizer, device) if qat else build_student(cfg, tokenizer, teacher, run_dir)
     objective = KDObjective(cfg, teacher, tokenizer, student=model)
+    objective.freeze_untrained_heads(model)  # DDP's reduction waits for every parameter that requires a gradient
     trainer = Trainer(cfg, run_dir, model, BatchStream(dataset, sampler, dataset.collate, info), objective,
                       aux=objective.projector,
                       eval_fn=make_eval_fn(cfg, tokenizer) if evaluate else None, device=device, info=info,

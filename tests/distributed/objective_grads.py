@@ -47,6 +47,7 @@ def build_trainer(data: Path, run_dir: Path, micro_batch: int, grad_accum: int, 
     seed_everything(0)
     student = StudentLM(ModelConfig(**MODEL, **HEADS))
     objective = KDObjective(cfg, CheckpointTeacher.from_model(StudentLM(ModelConfig(**MODEL))), tokenizer, student=student)
+    objective.freeze_untrained_heads(student)
     trainer = Trainer(cfg, run_dir, student, BatchStream(dataset, sampler, dataset.collate, info), objective,
                       aux=objective.projector, device=torch.device('cpu'), info=info)
     return trainer, student, objective
