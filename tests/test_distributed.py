@@ -122,3 +122,18 @@ def _check_sharded_checkpoint(folder, weights, tmp_path):
     for k, w in model.items(): assert torch.equal(consolidated[k], w), k
     record = to_hf(ckpt, tmp_path / 'hf')
     assert record['source'] == str(ckpt) and (tmp_path / 'hf' / 'model.safetensors').is_file()
+
+
+@pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
+def test_fsdp_hf_student_two_processes_equal_one_process(tmp_path, cli_env):
+    "An HF student (student.init: hf) sharded by FSDP2 over 2 processes, activation checkpointing on: the weights of one process."
+    from test_students import tiny_llama
+    hf = tiny_llama(tmp_path / 'hf')
+    student = ['student.init=hf', f'student.path={hf}']
+    single = _train(tmp_path / 'single', tmp_path / 'data', cli_env, ['training.batch_size=4', *student])
+    fsdp = ['training.batch_size=2', 'training.parallel=fsdp', 'training.activation_checkpointing=true', *student]
+    sharded = _train(tmp_path / 'fsdp', tmp_path / 'data', cli_env, fsdp, nproc=2)
+    assert single.keys() == sharded.keys() and 'model.layers.0.mlp.up_proj.weight' in single
+    for k in single:
+        assert torch.allclose(single[k], sharded[k], atol=2e-5, rtol=1e-4), (k, (single[k] - sharded[k]).abs().max())
+    assert not torch.equal(single['model.layers.0.mlp.up_proj.weight'], load_file(str(hf / 'model.safetensors'))['model.layers.0.mlp.up_proj.weight'])
