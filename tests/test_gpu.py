@@ -58,17 +58,10 @@ def _weights(folder) -> dict:
 
 
 @pytest.fixture(scope='module')
-def gpu_setup(tmp_path_factory):
-    "Tiny data, a tiny kd_lib teacher and a tiny HF Llama (built here, on the CPU)."
-    from kd_lib.config import Config
-    from kd_lib.models import ModelConfig, StudentLM
+def gpu_setup(tiny_teacher):
+    "Tiny data, a tiny kd_lib teacher and a tiny HF Llama (built on the CPU)."
     from test_students import tiny_llama
-    tmp = tmp_path_factory.mktemp('gpu')
-    data = tiny_data(tmp / 'data')
-    cfg = Config().override(*TINY, *data)
-    recipes.prepare_data(cfg)
-    torch.manual_seed(1)
-    StudentLM(ModelConfig(**{**cfg.model.__dict__, 'n_layers': 2})).save_pretrained(tmp / 'teacher')
+    tmp, data = tiny_teacher
     return tmp, data, tiny_llama(tmp / 'hf')
 
 

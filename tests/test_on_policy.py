@@ -6,27 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, ROOT, TINY, tiny_data
+from conftest import BIN, ROOT, TINY
 from kd_lib.config import Config
-from kd_lib.models import ModelConfig, StudentLM
-from kd_lib.recipes import prepare_data, run_stage
+from kd_lib.recipes import run_stage
 from kd_lib.tracing import read_metrics
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    "Tiny data and a tiny kd_lib teacher folder."
-    tmp = tmp_path_factory.mktemp('on_policy')
-    data = tiny_data(tmp / 'data')
-    cfg = Config().override(*TINY, *data)
-    prepare_data(cfg)
-    torch.manual_seed(1)
-    StudentLM(ModelConfig(**{**cfg.model.__dict__, 'n_layers': 2})).save_pretrained(tmp / 'teacher')
-    return tmp, data
-
-
-def test_on_policy_run_resumes_exactly(setup):
-    tmp, data = setup
+def test_on_policy_run_resumes_exactly(tiny_teacher):
+    tmp, data = tiny_teacher
     cfg = Config().override(*TINY, *data, 'teacher.kind=checkpoint', f'teacher.path={tmp / "teacher"}', 'distillation.kd_weight=1',
                             'distillation.on_policy_fraction=0.5', 'distillation.on_policy_temperature=1.0',
                             'distillation.on_policy_max_new_tokens=8')
@@ -42,9 +29,9 @@ def test_on_policy_run_resumes_exactly(setup):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
-def test_on_policy_under_torchrun_two_processes(setup, cli_env):
+def test_on_policy_under_torchrun_two_processes(tiny_teacher, cli_env):
     "Two gloo ranks drawing on-policy micro-batches (each from its own RNG) train to the end without a hang."
-    tmp, data = setup
+    tmp, data = tiny_teacher
     args = ['train', '--config', str(ROOT / 'configs/student_cpu.yaml'), str(ROOT / 'configs/kd_recipe.yaml'),
             '--run-dir', str(tmp / 'ddp'), '--no-eval', '--set', *TINY,
             *data, 'training.batch_size=2', 'teacher.kind=checkpoint', f'teacher.path={tmp / "teacher"}',
