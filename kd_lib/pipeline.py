@@ -135,8 +135,8 @@ ON_POLICY_COLUMNS = {'tool_name_accuracy': 'tool-name acc.', 'json_validity': 'J
                      'accuracy_per_minute': 'tool-name acc. per training minute'}
 
 def _with_rate(r: dict) -> dict:
-    acc = r['tool_name_accuracy']
-    return {**r, 'accuracy_per_minute': None if acc is None else acc / (r['steps'] * r['seconds_per_step'] / 60)}
+    acc, sps = r['tool_name_accuracy'], r['seconds_per_step']
+    return {**r, 'accuracy_per_minute': None if None in (acc, sps) else acc / (r['steps'] * sps / 60)}
 
 def mean_std(values: list) -> tuple:
     "Mean and sample standard deviation of the measured values (std 0 for one value; (None, None) for none)."
@@ -161,7 +161,7 @@ def on_policy_verdict(summary: dict # from `on_policy_summary`, with 'off_policy
                                                                           off['seeds'][s]['tool_name_accuracy'])]
     wins = sum(on['seeds'][s]['tool_name_accuracy'] > off['seeds'][s]['tool_name_accuracy'] for s in seeds)
     diff, spread = acc_on - acc_off, max(sd_on, sd_off)
-    ratio = lambda k: on[k][0] / off[k][0] if off[k][0] else float('nan')
+    ratio = lambda k: on[k][0] / off[k][0] if off[k][0] and on[k][0] is not None else float('nan')
     return (f"On-policy {'helped' if diff > 0 else 'did not help'} here: mean held-out tool-name accuracy {acc_on:.3f} against "
             f"{acc_off:.3f} off-policy ({diff:+.3f}, {'within' if abs(diff) <= spread else 'beyond'} the seeds' spread of "
             f"{spread:.3f}), higher on {wins} of {len(seeds)} seeds; per-token KL to the teacher {on['kl_to_teacher'][0]:.3f} "
@@ -193,7 +193,8 @@ def write_on_policy_report(results: list, # from `on_policy_student`
     "Write on_policy.md, on_policy.json and the learning curves on_policy.png."
     out_dir = Path(out_dir)
     (out_dir/'on_policy.json').write_text(json.dumps(results, indent=1))
-    runs = [load_run(out_dir/f"{r['student']}_seed{r['seed']}", f"{r['student']} seed {r['seed']}") for r in results]
+    runs = [load_run(out_dir/f"{r['student']}_seed{r['seed']}", f"{r['student']} seed {r['seed']}")
+            for r in sorted(results, key=lambda r: (r['student'], r['seed']))]
     plot_eval(runs, ['tool_name_accuracy', 'json_validity']).savefig(out_dir/'on_policy.png', dpi=90)
     out = out_dir/'on_policy.md'
     out.write_text(on_policy_report(results) + '\n')
