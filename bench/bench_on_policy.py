@@ -11,7 +11,8 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from kd_lib.pipeline import ON_POLICY_COLUMNS, ON_POLICY_SEEDS, default_stages, on_policy_summary, write_on_policy_report
+from kd_lib.pipeline import ON_POLICY_SEEDS, default_stages, write_on_policy_report
+from kd_lib.report import ON_POLICY_COLUMNS, on_policy_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 

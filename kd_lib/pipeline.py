@@ -4,13 +4,11 @@
 
 # %% auto #0
 __all__ = ['PROJECT_ROOT', 'STUDENTS', 'RESULT_METRICS', 'TOKEN_REDUCTION_BUDGET', 'ON_POLICY_SEEDS', 'ON_POLICY_ARMS',
-           'ON_POLICY_COLUMNS', 'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'seconds_per_step',
-           'on_policy_student', 'mean_std', 'on_policy_summary', 'on_policy_verdict', 'on_policy_report',
+           'token_reduction_stage', 'default_stages', 'run_default_pipeline', 'on_policy_student',
            'write_on_policy_report', 'on_policy_stage', 'steps_to_reach', 'write_results']
 
 # %% ../nbs/89_pipeline.ipynb #f208364c
 import json
-import statistics
 from pathlib import Path
 
 from .device import get_training_device
@@ -19,7 +17,7 @@ from .explore import load_run, plot_eval
 from .config import load_config
 from .models import StudentLM
 from .recipes import build_cache_stage, prepare_data_stage, run_stage, run_token_reduction, teacher_signal
-from .report import fmt_number, markdown_table
+from .report import fmt_number, markdown_table, on_policy_report, seconds_per_step
 from .stages import NBS_DIR, Stage, run_stages
 from .teachers import stage_tokenizer
 
@@ -86,17 +84,6 @@ def run_default_pipeline(run_dir='runs/default', overrides=(), on_policy_seeds=N
 ON_POLICY_SEEDS = (1, 2, 3)
 ON_POLICY_ARMS = {'off_policy': [], 'on_policy': ['distillation.on_policy_fraction=0.5']}  # student -> its own overrides
 
-# %% ../nbs/89_pipeline.ipynb #65f14fa3
-def seconds_per_step(train: list, # a run's train records (`load_run(...)['train']`), sorted by step
-                     evals: list = (), # its eval records: intervals holding one are left out
-                    ) -> float | None: # None when no interval is left
-    "Mean wall time per optimizer step over the logged training intervals that hold no evaluation."
-    eval_times = [r['time'] for r in evals]
-    spans = [(b['step'] - a['step'], b['time'] - a['time']) for a, b in zip(train, train[1:])
-             if not any(a['time'] < t <= b['time'] for t in eval_times)]
-    steps = sum(n for n, _ in spans)
-    return sum(t for _, t in spans) / steps if steps else None
-
 # %% ../nbs/89_pipeline.ipynb #72c8806f
 def on_policy_student(stage: dict, # {'config_paths': [...], 'overrides': [...]} both students share (a live teacher)
                       name: str, # the student, e.g. 'on_policy'
@@ -128,63 +115,6 @@ def on_policy_student(stage: dict, # {'config_paths': [...], 'overrides': [...]}
               'kl_to_teacher': kl, 'seconds_per_step': seconds_per_step(run['train'], run['eval']), 'overrides': overrides}
     stored.write_text(json.dumps(result, indent=1))
     return result
-
-# %% ../nbs/89_pipeline.ipynb #48ed76bd
-ON_POLICY_COLUMNS = {'tool_name_accuracy': 'tool-name acc.', 'json_validity': 'JSON validity',
-                     'kl_to_teacher': 'KL to teacher / token', 'seconds_per_step': 's / step',
-                     'accuracy_per_minute': 'tool-name acc. per training minute'}
-
-def _with_rate(r: dict) -> dict:
-    acc, sps = r['tool_name_accuracy'], r['seconds_per_step']
-    return {**r, 'accuracy_per_minute': None if None in (acc, sps) else acc / (r['steps'] * sps / 60)}
-
-def mean_std(values: list) -> tuple:
-    "Mean and sample standard deviation of the measured values (std 0 for one value; (None, None) for none)."
-    values = [v for v in values if v is not None]
-    if not values: return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-def on_policy_summary(results: list # from `on_policy_student`, any order
-                     ) -> dict: # student -> {measurement: (mean, std), 'seeds': {seed: measurements}}
-    "Mean and spread over the seeds of every measurement, per student."
-    by = {}
-    for r in map(_with_rate, results): by.setdefault(r['student'], {})[r['seed']] = r
-    return {name: {**{k: mean_std([r[k] for r in seeds.values()]) for k in ON_POLICY_COLUMNS}, 'seeds': dict(sorted(seeds.items()))}
-            for name, seeds in by.items()}
-
-def on_policy_verdict(summary: dict # from `on_policy_summary`, with 'off_policy' and 'on_policy'
-                     ) -> str:
-    "The comparison in words: did on-policy help, by how much against the seeds' spread, at what cost in time."
-    off, on = summary['off_policy'], summary['on_policy']
-    (acc_on, sd_on), (acc_off, sd_off) = on['tool_name_accuracy'], off['tool_name_accuracy']
-    seeds = [s for s in on['seeds'] if s in off['seeds'] and None not in (on['seeds'][s]['tool_name_accuracy'],
-                                                                          off['seeds'][s]['tool_name_accuracy'])]
-    wins = sum(on['seeds'][s]['tool_name_accuracy'] > off['seeds'][s]['tool_name_accuracy'] for s in seeds)
-    diff, spread = acc_on - acc_off, max(sd_on, sd_off)
-    ratio = lambda k: on[k][0] / off[k][0] if off[k][0] and on[k][0] is not None else float('nan')
-    return (f"On-policy {'helped' if diff > 0 else 'did not help'} here: mean held-out tool-name accuracy {acc_on:.3f} against "
-            f"{acc_off:.3f} off-policy ({diff:+.3f}, {'within' if abs(diff) <= spread else 'beyond'} the seeds' spread of "
-            f"{spread:.3f}), higher on {wins} of {len(seeds)} seeds; per-token KL to the teacher {on['kl_to_teacher'][0]:.3f} "
-            f"against {off['kl_to_teacher'][0]:.3f}; {ratio('seconds_per_step'):.2f}x the time per step and "
-            f"{ratio('accuracy_per_minute'):.2f}x the tool-name accuracy per training minute.")
-
-def on_policy_report(results: list # from `on_policy_student`
-                    ) -> str: # markdown: the summary table, the per-seed table and the verdict
-    "The on-policy comparison as markdown."
-    summary = on_policy_summary(results)
-    cell = lambda k, m: ' ± '.join(fmt_number(v, 4 if k == 'seconds_per_step' else 3) for v in m) if m[0] is not None else '-'
-    first = results[0]
-    seeds = sorted({r['seed'] for r in results})
-    lines = [f"{first['steps']} optimizer steps per student, {first['episodes']} held-out episodes; mean ± sample standard "
-             f"deviation over training seeds {', '.join(map(str, seeds))}.", '',
-             markdown_table(['student', *ON_POLICY_COLUMNS.values()],
-                            [[name, *(cell(k, s[k]) for k in ON_POLICY_COLUMNS)] for name, s in summary.items()]), '',
-             markdown_table(['student', 'seed', *ON_POLICY_COLUMNS.values()],
-                            [[name, seed, *(fmt_number(r[k], 4 if k == 'seconds_per_step' else 3) for k in ON_POLICY_COLUMNS)]
-                             for name, s in summary.items() for seed, r in s['seeds'].items()])]
-    if all(summary.get(s, {}).get('tool_name_accuracy', (None,))[0] is not None for s in ('off_policy', 'on_policy')):
-        lines += ['', on_policy_verdict(summary)]
-    return '\n'.join(lines)
 
 # %% ../nbs/89_pipeline.ipynb #f0402f5f
 def write_on_policy_report(results: list, # from `on_policy_student`
