@@ -239,11 +239,11 @@ class RealPlan:
     teacher_source: str = 'models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' # GGUF file or HF folder (relative: to the project root)
     train_rows: int = 400 # training conversations
     eval_rows: int = 40 # held-out conversations
-    teacher_steps: int = 24 # fine-tuning steps of the teacher
+    teacher_steps: int = 40 # fine-tuning steps of the teacher
     teacher_batch: int = 8 # conversations per teacher step
     teacher_lr: float = 2e-4 # its peak learning rate
     finetune_below: float = 0.9 # fine-tune the teacher when its tool-name accuracy out of the box is below this
-    student_steps: int = 36 # steps of every student (equal steps; batch: training.batch_size)
+    student_steps: int = 60 # steps of every student (equal steps; batch: training.batch_size)
     student_lr: float = 3e-4 # peak learning rate of every student
     prune_layers: int = 8 # teacher layers the students keep
     prune_mlp_hidden: int = 768 # MLP channels the students keep per layer
