@@ -100,8 +100,9 @@ def _token_count(tokenizer) -> int:
     return backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
 
 def _add_tokens(tokenizer, tokens: list):
+    "Add `tokens` as special tokens (a Hugging Face tokenizer through `add_tokens`, which transformers 4 and 5 both take)."
     if isinstance(tokenizer, Tokenizer): tokenizer.add_special_tokens(tokens)
-    else: tokenizer.add_special_tokens({'additional_special_tokens': tokens}, replace_additional_special_tokens=False)
+    else: tokenizer.add_tokens(tokens, special_tokens=True)
 
 def _grow(weight: torch.Tensor, n_rows: int, new_rows: dict) -> nn.Parameter:
     "A copy of `weight` (2-D rows or 1-D bias) with `n_rows` rows; rows in `new_rows` (id -> init vector) are filled in, old rows kept."
