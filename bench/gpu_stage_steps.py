@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     base = [*SMALL, f'data.train_path={folder}/data/train.jsonl', f'data.eval_path={folder}/data/eval.jsonl',
             f'data.tokenizer_path={folder}/data/tokenizer.json', f'training.device={args.device}', 'training.steps=1',
             'checkpoint.save_every=1']
-    teacher_over = [*base, 'training.stage=teacher', 'teacher.kind=none']
+    teacher_over = [*base, 'training.stage=teacher', 'teacher.kind=none', 'distillation.kd_weight=0', 'distillation.ce_weight=1']
     teacher = one_step(folder, 'teacher', teacher_over, 'bf16')  # the teacher of every other stage, and its top-k cache
     build_cache_stage({'config_paths': [str(p) for p in CONFIGS], 'overrides': teacher_over}, folder / 'teacher_bf16/final', folder / 'cache')
     print(f"{'stage':<30}{'bf16 loss':>12}{'fp32 loss':>12}{'rel. diff':>11}{'bf16 time':>11}")

@@ -72,4 +72,5 @@ def set_deterministic(enabled: bool = True # use deterministic kernels (slower o
     "Switch torch's deterministic algorithms on or off."
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cuda.enable_cudnn_sdp(not enabled)  # cuDNN attention's backward is not deterministic (seen on an H200)
     if enabled: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')

@@ -142,7 +142,7 @@ class KDObjective:
     def __init__(self, cfg: Config, # the run's config
                  teacher=None, # white-box teacher (kd_lib.teachers) or None
                  tokenizer=None, # the training tokenizer (token ids of the terms, code-mode renderings)
-                 student=None, # the student (its sizes shape the projector, heads no term trains are frozen); None: `cfg.model`
+                 student=None, # the student (its sizes shape the projector); None: `cfg.model`
                 ):
         self.cfg, self.teacher, self.tokenizer = cfg, teacher, tokenizer
         self.student_cfg = cfg.model if student is None else student.cfg
@@ -155,7 +155,6 @@ class KDObjective:
         self.projector = self._projector() if 'intermediate' in self.terms else None
         self.preference = CodeModePreferenceLoss(cfg.code_mode.weight, cfg.code_mode.warmup_steps) if 'code_mode' in self.terms else None
         self.needs_logits = not self.options.fused or any(t.needs_logits for t in self.terms.values())
-        if student is not None: self.freeze_untrained_heads(student)
 
     def freeze_untrained_heads(self, model: nn.Module):
         "Freeze the halt / self-eval heads no term trains: they get no gradient, which DDP's reduction does not allow."

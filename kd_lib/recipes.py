@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from .config import Config, ConfigError, load_config
@@ -28,7 +29,7 @@ from .objective import KDObjective
 from .qat import (calibrate, convert_to_int8, generation_speed, load_int8, max_logit_diff, prepare_qat, read_quantization,
                         save_int8, state_dict_bytes)
 from .report import fmt_number, markdown_table
-from .students import build_student, student_fingerprint
+from .students import blank_like, build_student, student_fingerprint
 from .synth import write_corpus
 from .teacher_cache import TeacherCache, build_teacher_cache
 from .teachers import check_teacher_tokenizer, load_teacher, stage_tokenizer
@@ -144,6 +145,7 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
     qat = cfg.training.stage == 'qat'
     model = load_qat_student(cfg, tokenizer, device) if qat else build_student(cfg, tokenizer, teacher, run_dir)
     objective = KDObjective(cfg, teacher, tokenizer, student=model)
+    objective.freeze_untrained_heads(model)  # DDP's reduction waits for every parameter that requires a gradient
     trainer = Trainer(cfg, run_dir, model, BatchStream(dataset, sampler, dataset.collate, info), objective,
                       aux=objective.projector,
                       eval_fn=make_eval_fn(cfg, tokenizer) if evaluate else None, device=device, info=info,
@@ -162,12 +164,12 @@ def run_stage(cfg: Config, # the whole config; training.stage picks the recipe
             write_halt_records(halt_records(final, tokenizer, rows, cfg.halting, steps, steps), run_dir)
     return result
 
-def final_model(trainer: Trainer) -> StudentLM | None:
+def final_model(trainer: Trainer) -> nn.Module | None:
     "The model to save: `trainer.eval_model`, or under FSDP a full copy on rank 0 (None elsewhere; every rank calls)."
     if not trainer.fsdp: return trainer.eval_model
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not trainer.info.is_main: return None
-    model = StudentLM(trainer.model.cfg)
+    model = blank_like(trainer.model)
     model.load_state_dict(full)
     return model.to(trainer.device).eval()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, TeacherConfig
-from .models import StudentLM, positions_from_mask
+from .models import StudentLM, arch_fingerprint, positions_from_mask
 from .teacher_cache import TeacherCache
 from .tokenizer import SPECIAL_TOKENS, add_special_tokens_and_resize, backend_tokenizer, load_tokenizer, tokenizer_compatibility
 
@@ -77,7 +77,7 @@ def _to(t, device): return None if t is None else t.to(device)
 
 # %% ../nbs/11_teachers.ipynb #2cac48f9
 class CheckpointTeacher(Teacher):
-    "A frozen kd_lib model folder (config.json + model.safetensors)."
+    "A frozen kd_lib model folder (config.json + model.safetensors), or a kd_lib model in memory (`from_model`)."
     kind, white_box = 'checkpoint', True
 
     def __init__(self, folder, # a kd_lib model folder
@@ -85,12 +85,25 @@ class CheckpointTeacher(Teacher):
                  dtype: torch.dtype | None = None, # e.g. torch.bfloat16 on a GPU; None keeps fp32
                 ):
         folder = Path(folder)
-        self.model = StudentLM.from_pretrained(folder, device=device).eval().requires_grad_(False)
-        if dtype is not None: self.model.to(dtype)
-        self.device, self.vocab_size = self.model.embed.weight.device, self.model.cfg.vocab_size
-        self.d_model, self.n_layers = self.model.cfg.d_model, self.model.cfg.n_layers
-        self.tokenizer = load_tokenizer(folder / 'tokenizer.json') if (folder / 'tokenizer.json').is_file() else None
-        self.fingerprint = 'checkpoint:' + files_fingerprint([folder / 'config.json', folder / 'model.safetensors'])
+        model = StudentLM.from_pretrained(folder, device=device)
+        if dtype is not None: model.to(dtype)
+        tokenizer = load_tokenizer(folder / 'tokenizer.json') if (folder / 'tokenizer.json').is_file() else None
+        self._hold(model, tokenizer, 'checkpoint:' + files_fingerprint([folder / 'config.json', folder / 'model.safetensors']))
+
+    @classmethod
+    def from_model(cls, model: StudentLM, # a kd_lib model (frozen in place)
+                   tokenizer=None, # its tokenizer, if any
+                  ) -> 'CheckpointTeacher':
+        "A teacher over a model already in memory (a notebook's or a test's); its fingerprint names the architecture only."
+        teacher = cls.__new__(cls)
+        teacher._hold(model, tokenizer, 'memory:' + arch_fingerprint(model.cfg))
+        return teacher
+
+    def _hold(self, model: StudentLM, tokenizer, fingerprint: str):
+        self.model = model.eval().requires_grad_(False)
+        self.device, self.vocab_size = model.embed.weight.device, model.cfg.vocab_size
+        self.d_model, self.n_layers = model.cfg.d_model, model.cfg.n_layers
+        self.tokenizer, self.fingerprint = tokenizer, fingerprint
 
     def _forward(self, input_ids, attention_mask, what):
         out = self.model(input_ids, attention_mask, output_hidden_states=what == 'states', compute_logits=what == 'logits')

@@ -204,8 +204,6 @@ class Trainer:
         if cfg.training.activation_checkpointing: checkpoint_blocks(self.model)
         trained = self.model if self.aux is None else WithAux(self.model, self.aux)
         self.fsdp = cfg.training.parallel == 'fsdp' and self.info.world_size > 1
-        if self.fsdp and eval_fn is not None:  # evaluation runs on rank 0 alone, a sharded forward needs every rank
-            raise ConfigError('training.parallel: fsdp does not evaluate during training yet (run with --no-eval, or use ddp)')
         if self.fsdp: self.ddp = shard_fsdp(self.model, trained, self.amp_dtype)
         elif self.info.world_size > 1: self.ddp = DistributedDataParallel(trained, device_ids=ranks_gpu)
         else: self.ddp = self.model
@@ -396,9 +394,10 @@ def _eval_due(self: Trainer) -> bool:
 
 @patch
 def _evaluate(self: Trainer, tracer) -> dict | None:
-    if not self.info.is_main: return None
+    if not (self.info.is_main or self.fsdp): return None  # a sharded forward needs every rank: under FSDP all of them evaluate
     self.eval_model.eval()
     with torch.no_grad(): metrics = self.eval_fn(self.eval_model, self.step)
+    if not self.info.is_main: return None
     tracer.log(self.step, metrics, split='eval')
     return metrics
 

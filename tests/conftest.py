@@ -32,3 +32,19 @@ def tiny_data(folder: Path) -> list:
 def cli_env():
     "Environment for CLI subprocesses: one thread each, no wandb network."
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled'}
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+    "(folder, data overrides): tiny data in folder/data and a tiny 2-layer kd_lib teacher in folder/teacher."
+    import torch
+    from kd_lib.config import Config
+    from kd_lib.models import ModelConfig, StudentLM
+    from kd_lib.recipes import prepare_data
+    tmp = tmp_path_factory.mktemp('tiny_teacher')
+    data = tiny_data(tmp / 'data')
+    cfg = Config().override(*TINY, *data)
+    prepare_data(cfg)
+    torch.manual_seed(1)
+    StudentLM(ModelConfig(**{**cfg.model.__dict__, 'n_layers': 2})).save_pretrained(tmp / 'teacher')
+    return tmp, data

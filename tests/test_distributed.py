@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from conftest import BIN, ROOT, TINY, tiny_data
 
 
-def _train(run_dir, data, env, extra, nproc=None):
-    args = ['train', '--config', str(ROOT / 'configs/teacher_cpu.yaml'), '--run-dir', str(run_dir), '--no-eval',
+def _train(run_dir, data, env, extra, nproc=None, evaluate=False):
+    args = ['train', '--config', str(ROOT / 'configs/teacher_cpu.yaml'), '--run-dir', str(run_dir), *([] if evaluate else ['--no-eval']),
             '--set', *TINY, *tiny_data(data), 'training.steps=3', 'training.lr=1e-3', *extra]
     cmd = [str(BIN / 'kd-lib'), *args] if nproc is None else \
           [str(BIN / 'torchrun'), '--standalone', f'--nproc-per-node={nproc}', '--no-python', str(BIN / 'kd-lib'), *args]
@@ -122,3 +122,24 @@ def _check_sharded_checkpoint(folder, weights, tmp_path):
     for k, w in model.items(): assert torch.equal(consolidated[k], w), k
     record = to_hf(ckpt, tmp_path / 'hf')
     assert record['source'] == str(ckpt) and (tmp_path / 'hf' / 'model.safetensors').is_file()
+
+
+@pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
+def test_fsdp_hf_student_two_processes_equal_one_process(tmp_path, cli_env):
+    """An HF student (student.init: hf) sharded by FSDP2 over 2 processes, activation checkpointing on, evaluated during
+    training by every rank: the weights and held-out metrics of one process."""
+    from test_students import tiny_llama
+    from kd_lib.tracing import read_metrics
+    hf = tiny_llama(tmp_path / 'hf')
+    student = ['student.init=hf', f'student.path={hf}']
+    single = _train(tmp_path / 'single', tmp_path / 'data', cli_env, ['training.batch_size=4', *student], evaluate=True)
+    fsdp = ['training.batch_size=2', 'training.parallel=fsdp', 'training.activation_checkpointing=true', *student]
+    sharded = _train(tmp_path / 'fsdp', tmp_path / 'data', cli_env, fsdp, nproc=2, evaluate=True)
+    evals = [read_metrics(tmp_path / run, split='eval') for run in ('single', 'fsdp')]
+    assert [r['step'] for r in evals[0]] == [r['step'] for r in evals[1]] == [2, 3]
+    for a, b in zip(*evals):
+        assert a['tool_name_accuracy'] == b['tool_name_accuracy'] and a['perplexity'] == pytest.approx(b['perplexity'], rel=1e-4)
+    assert single.keys() == sharded.keys() and 'model.layers.0.mlp.up_proj.weight' in single
+    for k in single:
+        assert torch.allclose(single[k], sharded[k], atol=2e-5, rtol=1e-4), (k, (single[k] - sharded[k]).abs().max())
+    assert not torch.equal(single['model.layers.0.mlp.up_proj.weight'], load_file(str(hf / 'model.safetensors'))['model.layers.0.mlp.up_proj.weight'])

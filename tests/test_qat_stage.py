@@ -8,7 +8,6 @@ import torch
 from kd_lib.config import ConfigError, config_from_dict
 from kd_lib.qat import load_int8
 from kd_lib.recipes import qat_markdown, qat_report, run_stage
-from kd_lib.recipes import run_stage
 from kd_lib.tracing import read_metrics
 
 

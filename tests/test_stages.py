@@ -23,7 +23,8 @@ from kd_lib.tracing import read_metrics
 def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     run_dir = tmp_path / 'default'
     records = run_default_pipeline(run_dir, TINY)
-    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'qat', 'token_reduction', 'report']
+    assert list(records) == ['data', 'teacher', 'teacher_cache', 'ce', 'kd', 'kd_process', 'qat', 'token_reduction', 'on_policy',
+                             'report']
     for stage in ('teacher', 'ce', 'kd', 'kd_process'):
         assert (run_dir / stage / 'final' / 'model.safetensors').exists(), stage
         assert (run_dir / 'notebooks' / f'{stage}.ipynb').exists(), stage
@@ -39,7 +40,7 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
     tr = run_dir / 'token_reduction'
     assert all((tr / s / 'final' / 'model.safetensors').exists() for s in ('direct', 'code_mode', 'plan', 'latent'))
     assert records['token_reduction']['episodes'] == 4 and records['token_reduction']['steps'] == 4
-    section, latent = text.split('## Token reduction')[1].split('## Stage times')[0].split('### Latent curriculum')
+    section, latent = text.split('## Token reduction')[1].split('## On-policy')[0].split('### Latent curriculum')
     latent_rows = [[c.strip() for c in line.strip('|').split('|')] for line in latent.splitlines() if line.startswith('|')][2:]
     assert latent_rows[-1][:3] == ['plan (full plan)', '4', '0'] and len(latent_rows) >= 3
     assert all(r[0] == 'latent' and 0 <= float(r[3]) <= 1 for r in latent_rows[:-1])  # one row per evaluation
@@ -58,6 +59,10 @@ def test_default_pipeline_and_answer_stage_tiny(tmp_path):
         assert 0 <= float(exact) <= 1 and float(calls) >= 0 and 0 <= float(unneeded) <= float(calls) + 0.005, name
         assert integration == '-' or 0 <= float(integration) <= 1, name
         assert abs(float(generated) - results[name]['generated_tokens']) <= 0.05, name
+    # the on-policy comparison: both students for every seed, on the pipeline's teacher, in results.md
+    assert records['on_policy']['seeds'] == [1, 2, 3] and records['on_policy']['steps'] == 4
+    assert (run_dir / 'on_policy' / 'on_policy_seed3' / 'final' / 'model.safetensors').exists()
+    assert (run_dir / 'on_policy' / 'on_policy.md').read_text().strip() in text and 'on_policy/on_policy.png' in text
     # a rerun resumes: every stage is already done
     assert run_default_pipeline(run_dir, TINY) == records
 

@@ -13,6 +13,7 @@ from kd_lib.dataset import KDDataset
 from kd_lib.device import seed_everything
 from kd_lib.models import ModelConfig, StudentLM
 from kd_lib.objective import KDObjective
+from kd_lib.teachers import CheckpointTeacher
 from kd_lib.tokenizer import load_tokenizer
 from kd_lib.train import BatchStream, Trainer, close_distributed, init_distributed
 
@@ -25,15 +26,6 @@ SECTIONS = dict(
                  early_tool_call_weight=0.2),
     halting=dict(enabled=True, weight=0.5), data=dict(code_mode=True))
 CODE_MODE = dict(enabled=True, weight=0.3, warmup_steps=0)
-
-
-class LiveTeacher:
-    "A white-box teacher over a StudentLM (the kd_lib.teachers interface the objective uses)."
-    def __init__(self, model): self.model, self.d_model, self.n_layers = model, model.cfg.d_model, model.cfg.n_layers
-    def head_inputs(self, ids, mask):
-        with torch.no_grad(): return self.model(ids, mask, compute_logits=False).last_hidden, self.model.output_weight
-    def hidden_states(self, ids, mask):
-        with torch.no_grad(): return self.model(ids, mask, output_hidden_states=True, compute_logits=False).hidden_states
 
 
 def build_trainer(data: Path, run_dir: Path, micro_batch: int, grad_accum: int, parallel: str = 'ddp', code_mode: str = 'code',
@@ -54,7 +46,8 @@ def build_trainer(data: Path, run_dir: Path, micro_batch: int, grad_accum: int, 
                             'checkpoint': dict(min_free_space_gb=0.0), 'tracing': dict(tensorboard=False, progress=False)})
     seed_everything(0)
     student = StudentLM(ModelConfig(**MODEL, **HEADS))
-    objective = KDObjective(cfg, LiveTeacher(StudentLM(ModelConfig(**MODEL))), tokenizer, student=student)
+    objective = KDObjective(cfg, CheckpointTeacher.from_model(StudentLM(ModelConfig(**MODEL))), tokenizer, student=student)
+    objective.freeze_untrained_heads(student)
     trainer = Trainer(cfg, run_dir, student, BatchStream(dataset, sampler, dataset.collate, info), objective,
                       aux=objective.projector, device=torch.device('cpu'), info=info)
     return trainer, student, objective
