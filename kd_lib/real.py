@@ -5,11 +5,11 @@ fine-tuned on the tool-use corpus, then distilled into students pruned from it -
 
 # %% auto #0
 __all__ = ['STOP_TEXTS', 'PROJECT_ROOT', 'REAL_CONFIG', 'STUDENT_ORDER', 'MODEL_ROWS', 'TABLE_COLUMNS', 'SEED_PAIRS',
-           'convert_to_hf_folder', 'tool_menu', 'with_tool_menu', 'write_real_corpus', 'first_call_prompts',
-           'generate_first_call', 'score_first_call', 'summarize_first_calls', 'reference_logprobs',
-           'teacher_forced_metrics', 'evaluate_chat_model', 'RealPlan', 'split_overrides', 'needs_second_seed',
-           'student_configs', 'best_student', 'export_best', 'results_table', 'seed_table', 'plot_curves',
-           'write_real_results', 'run_real_pipeline']
+           'ON_POLICY_ARMS', 'convert_to_hf_folder', 'tool_menu', 'with_tool_menu', 'write_real_corpus',
+           'first_call_prompts', 'generate_first_call', 'score_first_call', 'summarize_first_calls',
+           'reference_logprobs', 'teacher_forced_metrics', 'evaluate_chat_model', 'RealPlan', 'split_overrides',
+           'needs_second_seed', 'student_configs', 'best_student', 'export_best', 'results_table', 'seed_table',
+           'plot_curves', 'on_policy_results', 'write_on_policy_report', 'write_real_results', 'run_real_pipeline']
 
 # %% ../nbs/88_real.ipynb #247771fe
 import json
@@ -27,7 +27,7 @@ from .dataset import ChatTemplate, KDDataset, render_chat
 from .export import HF_TOKENIZER_FILES, to_hf
 from .extractors import extract_tool_calls
 from .recipes import run_stage
-from .report import fmt_number, markdown_table
+from .report import fmt_number, markdown_table, on_policy_report, seconds_per_step
 from .stages import NBS_DIR, Stage, run_stages
 from .students import load_student, parameter_counts
 from .synth import TOOLS, iter_episodes, write_jsonl
@@ -249,6 +249,7 @@ class RealPlan:
     prune_mlp_hidden: int = 768 # MLP channels the students keep per layer
     max_new_tokens: int = 64 # generated tokens per held-out row (a first call with its tags: ~43 tokens, at most ~80)
     second_seed: str = 'always' # a second training seed of CE and KD: 'always', 'auto' (when within the noise) or 'never'
+    on_policy_seeds: int = 0 # training seeds of on-policy KD (`kd_on_policy`) against off-policy KD (`kd`); 0: not run
 
 def split_overrides(overrides # 'key=value' strings: real.* sizes and config overrides
                    ) -> tuple: # (RealPlan, the config overrides)
@@ -264,6 +265,7 @@ def split_overrides(overrides # 'key=value' strings: real.* sizes and config ove
         except ValueError: raise ConfigError(f'override {o!r}: {key}: expected {kind.__name__}, got {value!r}') from None
     plan = RealPlan(**values)
     if plan.second_seed not in ('auto', 'always', 'never'): raise ConfigError(f"real.second_seed: {plan.second_seed!r} is not one of auto, always, never")
+    if plan.on_policy_seeds < 0: raise ConfigError(f'real.on_policy_seeds: {plan.on_policy_seeds} must be >= 0')
     return plan, rest
 
 # %% ../nbs/88_real.ipynb #67146820
@@ -290,7 +292,7 @@ def _teacher_folder(run_dir: Path) -> Path:
     return run_dir / 'teacher' / 'final' if (run_dir / 'teacher' / 'final' / 'config.json').is_file() else run_dir / 'teacher_hf'
 
 def student_configs(run_dir, plan: RealPlan, overrides=(), seed: int = 0) -> dict:
-    "name -> Config of the three students (ce, kd, kd_random) of one seed, at equal steps, on the teacher's tokenizer as it is."
+    "name -> Config of the students (ce, kd, kd_random, kd_on_policy) of one seed, at equal steps, on the teacher's tokenizer as it is."
     run_dir = Path(run_dir)
     teacher = _teacher_folder(run_dir)
     hf = json.loads((teacher / 'config.json').read_text())
@@ -303,7 +305,9 @@ def student_configs(run_dir, plan: RealPlan, overrides=(), seed: int = 0) -> dic
              f"model.n_heads={hf['num_attention_heads']}", f"model.n_kv_heads={hf['num_key_value_heads']}",
              f'model.mlp_hidden={plan.prune_mlp_hidden}', f'model.rope_theta={float(rope)}', f"model.norm_eps={hf['rms_norm_eps']}",
              f"model.tie_embeddings={str(hf.get('tie_word_embeddings', True)).lower()}", f"model.max_seq_len={hf['max_position_embeddings']}"]
-    students = {'ce': [*pruned, 'distillation.kd_weight=0', 'distillation.ce_weight=1'], 'kd': pruned, 'kd_random': shape}
+    on_policy = ['distillation.on_policy_fraction=0.5', f'distillation.on_policy_max_new_tokens={plan.max_new_tokens}']
+    students = {'ce': [*pruned, 'distillation.kd_weight=0', 'distillation.ce_weight=1'], 'kd': pruned, 'kd_random': shape,
+                'kd_on_policy': [*pruned, *on_policy]}
     return {name: load_config(REAL_CONFIG, overrides=[*common, *extra, *overrides]) for name, extra in students.items()}
 
 def _train(cfg, out: Path, tokenizer_from: Path) -> dict:
@@ -353,6 +357,11 @@ def _student_stages(run_dir: Path, plan: RealPlan, overrides: list, seed: int, n
         stages.append(Stage(f'eval_{name}{suffix}', fn=lambda d, name=name, run=run: _evaluate(d, run.name, run / 'final', plan, overrides)))
     return stages
 
+def _on_policy_stages(run_dir: Path, plan: RealPlan, overrides: list) -> list:
+    "`kd` and `kd_on_policy` for each of `plan.on_policy_seeds` seeds (students already trained are not trained again), then their report."
+    students = [s for seed in range(plan.on_policy_seeds) for s in _student_stages(run_dir, plan, overrides, seed, ('kd', 'kd_on_policy'))]
+    return [*students, Stage('on_policy', fn=lambda d: {'report': str(write_on_policy_report(d, plan.on_policy_seeds))})]
+
 def _teacher_stages(run_dir: Path, plan: RealPlan, overrides: list) -> list:
     "Convert the teacher, write the corpus, evaluate the teacher out of the box."
     return [Stage('teacher_hf', fn=lambda d: convert_to_hf_folder(_source(plan), d / 'teacher_hf')),
@@ -372,7 +381,7 @@ def _finetune_stages(run_dir: Path, plan: RealPlan, overrides: list) -> list:
             Stage('kl_teacher_before', fn=lambda d: _evaluate(d, 'teacher_before_kl', d / 'teacher_hf', plan, overrides, generate=False))]
 
 # %% ../nbs/88_real.ipynb #7f0a4b33
-STUDENT_ORDER = ('ce', 'kd', 'kd_random', 'ce_seed1', 'kd_seed1')
+STUDENT_ORDER = ('ce', 'kd', 'kd_random', 'ce_seed1', 'kd_seed1', 'kd_on_policy')
 
 def _evals(run_dir: Path) -> dict:
     "name -> evaluation record of every evaluated model (the teacher before fine-tuning gets its KL from its second pass)."
@@ -403,7 +412,7 @@ def export_best(run_dir) -> dict:
 # %% ../nbs/88_real.ipynb #64b22031
 MODEL_ROWS = {'teacher_before': 'teacher, out of the box', 'teacher': 'teacher, fine-tuned', 'ce': '(a) pruned, CE',
               'kd': '(b) pruned, KD', 'kd_random': '(c) random init, KD', 'ce_seed1': '(a) pruned, CE, seed 1',
-              'kd_seed1': '(b) pruned, KD, seed 1'}
+              'kd_seed1': '(b) pruned, KD, seed 1', 'kd_on_policy': '(d) pruned, on-policy KD'}
 TABLE_COLUMNS = (('kl_to_teacher', 'KL to teacher / token', 3), ('perplexity', 'ref. perplexity', 2),
                  ('tool_name_accuracy', 'tool-name acc.', 3), ('json_validity', 'JSON valid', 3),
                  ('argument_exact_match', 'args exact', 3), ('no_call_accuracy', 'no-call acc.', 3))
@@ -448,6 +457,30 @@ def plot_curves(run_dir, names=('teacher', *STUDENT_ORDER)):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/88_real.ipynb #6b24ea87
+ON_POLICY_ARMS = {'off_policy': 'kd', 'on_policy': 'kd_on_policy'}  # arm in kd_lib.report's comparison -> student of this run
+
+def on_policy_results(run_dir, # the run folder
+                      seeds: int, # seeds 0 .. seeds-1
+                     ) -> list: # one measurement per arm and seed, as `kd_lib.report.on_policy_report` reads them
+    "Each arm's evaluation and time per step, per seed."
+    run_dir = Path(run_dir)
+    evals, results = _evals(run_dir), []
+    for seed in range(seeds):
+        for arm, student in ON_POLICY_ARMS.items():
+            name = f"{student}{f'_seed{seed}' if seed else ''}"
+            train, e = read_metrics(run_dir / name, split='train', latest_only=True), evals[name]
+            results.append({'student': arm, 'seed': seed, 'steps': train[-1]['step'], 'episodes': e['rows'],
+                            **{k: e[k] for k in ('tool_name_accuracy', 'json_validity', 'kl_to_teacher')},
+                            'seconds_per_step': seconds_per_step(train)})
+    return results
+
+def write_on_policy_report(run_dir, seeds: int) -> Path:
+    "on_policy.md: the comparison of `on_policy_results`."
+    out = Path(run_dir) / 'on_policy.md'
+    out.write_text(on_policy_report(on_policy_results(run_dir, seeds)) + '\n', encoding='utf-8')
+    return out
+
 # %% ../nbs/88_real.ipynb #da2dbe8d
 def write_real_results(run_dir, plan: RealPlan) -> Path:
     "results.md: the table, the learning curves, the sizes and steps and why, the export check, the stage times."
@@ -477,6 +510,10 @@ def write_real_results(run_dir, plan: RealPlan) -> Path:
              f"KD: {cfg.distillation.divergence} weight {cfg.distillation.kd_weight} plus CE weight {cfg.distillation.ce_weight}, "
              'fused from the teacher hidden states.',
              '- The CE student learns from the corpus text, the same text the teacher was fine-tuned on.']
+    if (run_dir / 'on_policy.md').is_file():
+        lines += ['', '## On-policy against off-policy KD', '', "(d) is (b) with half its micro-batches on-policy "
+                  "(`distillation.on_policy_fraction: 0.5`: the student samples the reply, the teacher scores the sampled tokens), "
+                  'at equal steps, over the seeds:', '', (run_dir / 'on_policy.md').read_text(encoding='utf-8').strip()]
     if 'export' in stages:
         e = stages['export']
         lines += ['', f"Exported: `{e['student']}` -> `{e['folder']}` ({e['architecture']}); reloaded with AutoModelForCausalLM, "
@@ -501,6 +538,7 @@ def run_real_pipeline(run_dir='runs/real', # run folder (a rerun resumes at the 
     records |= run_stages(_student_stages(run_dir, plan, overrides, 0), run_dir, log)
     if needs_second_seed(records['eval_ce'], records['eval_kd'], plan.second_seed):
         records |= run_stages(_student_stages(run_dir, plan, overrides, 1, ('ce', 'kd')), run_dir, log)
+    if plan.on_policy_seeds: records |= run_stages(_on_policy_stages(run_dir, plan, overrides), run_dir, log)
     records |= run_stages([Stage('export', fn=export_best),
                            Stage('report', fn=lambda d: {'results': str(write_real_results(d, plan))})], run_dir, log)
     return records
