@@ -110,6 +110,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'kd_lib/code_mode.py'),
                                   'kd_lib.code_mode.run_program': ('code_mode.html#run_program', 'kd_lib/code_mode.py')},
             'kd_lib.config': { 'kd_lib.config.CheckpointConfig': ('config.html#checkpointconfig', 'kd_lib/config.py'),
+                               'kd_lib.config.CheckpointConfig._check': ('config.html#checkpointconfig._check', 'kd_lib/config.py'),
                                'kd_lib.config.CodeModeConfig': ('config.html#codemodeconfig', 'kd_lib/config.py'),
                                'kd_lib.config.Config': ('config.html#config', 'kd_lib/config.py'),
                                'kd_lib.config.Config._check': ('config.html#config._check', 'kd_lib/config.py'),

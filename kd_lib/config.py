@@ -194,10 +194,15 @@ class TrainingConfig:
 class CheckpointConfig:
     "Checkpoint retention."
     save_every: int = _key(100, 'save every N optimizer steps (milestones are always saved)', ge=1)
+    milestones: list[int] = _key([10, 25, 50, 75, 90, 100], 'percents of the run whose checkpoints are saved and always kept; [100]: the last only')
     max_checkpoints: int = _key(3, 'recent non-milestone checkpoints kept', ge=0)
     min_free_space_gb: float = _key(50.0, 'below this free disk space keep one checkpoint fewer', ge=0)
     best_metric: str = _key('', 'eval metric whose best checkpoint is also kept; empty: none')
     best_mode: Literal['max', 'min'] = _key('max', 'whether a larger best_metric is better')
+
+    def _check(self):
+        if not self.milestones or not all(0 < p <= 100 for p in self.milestones):
+            yield 'milestones', f'{self.milestones}: give percents of the run in 1..100, e.g. [100] for the last step only'
 
 @dataclass(frozen=True)
 class TracingConfig:

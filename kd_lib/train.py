@@ -216,7 +216,7 @@ class Trainer:
         c = cfg.checkpoint
         self.ckpt = CheckpointManager(self.run_dir/'checkpoints', cfg.training.steps, max_checkpoints=c.max_checkpoints,
                                       min_free_space_gb=c.min_free_space_gb, best_metric=c.best_metric or None,
-                                      best_mode=c.best_mode, save_every=c.save_every)
+                                      best_mode=c.best_mode, save_every=c.save_every, milestones=c.milestones)
         self.step, self.nonfinite_total, self.nonfinite_in_row, self._sigterm = 0, 0, 0, False
         self.nonfinite_hook: Callable | None = nonfinite_hook_from_env()  # tests and fault injection: (step, loss) -> loss
 
