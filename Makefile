@@ -25,7 +25,7 @@ pipeline: setup
 	$(VENV)/bin/kd-lib pipeline --run-dir $(RUN_DIR) $(ARGS)
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 kd worker: setup
 	$(VENV)/bin/kd-lib train --config configs/student_cpu.yaml configs/kd_recipe.yaml --run-dir $(STAGE_DIR)/kd --set $(DATA) $(ARGS)

@@ -9,13 +9,17 @@ from safetensors.torch import load_file
 
 from conftest import BIN, ROOT, TINY, tiny_data
 
+# torchrun jobs run one at a time on one xdist worker (`make test` uses --dist loadgroup): two of them at once
+# oversubscribe the 2 cores and their standalone rendezvous can meet
+pytestmark = pytest.mark.xdist_group('torchrun')
+
 
 def _train(run_dir, data, env, extra, nproc=None, evaluate=False):
     args = ['train', '--config', str(ROOT / 'configs/teacher_cpu.yaml'), '--run-dir', str(run_dir), *([] if evaluate else ['--no-eval']),
             '--set', *TINY, *tiny_data(data), 'training.steps=3', 'training.lr=1e-3', *extra]
     cmd = [str(BIN / 'kd-lib'), *args] if nproc is None else \
           [str(BIN / 'torchrun'), '--standalone', f'--nproc-per-node={nproc}', '--no-python', str(BIN / 'kd-lib'), *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return load_file(str(run_dir / 'final' / 'model.safetensors'))
 
@@ -45,7 +49,7 @@ def _objective_grads(data, out, env, micro_batch, grad_accum, *options, nproc=No
     script = [str(ROOT / 'tests/distributed/objective_grads.py'), str(data), str(out), str(micro_batch), str(grad_accum), *options]
     cmd = [str(BIN / 'python'), *script] if nproc is None else \
           [str(BIN / 'torchrun'), '--standalone', f'--nproc-per-node={nproc}', *script]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -98,7 +102,7 @@ def test_fsdp_resume_equals_uninterrupted_run(tmp_path, cli_env):
     _write_data(tmp_path)
     cmd = [str(BIN / 'torchrun'), '--standalone', '--nproc-per-node=2', str(ROOT / 'tests/distributed/fsdp_resume.py'),
            str(tmp_path), str(tmp_path / 'resume.pt')]
-    res = subprocess.run(cmd, env={**cli_env, 'PYTHONPATH': str(ROOT)}, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env={**cli_env, 'PYTHONPATH': str(ROOT)}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = torch.load(tmp_path / 'resume.pt', weights_only=True)
     for k, w in runs['straight'].items():

@@ -33,6 +33,7 @@ def test_on_policy_run_resumes_exactly(tiny_teacher):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('torchrun')  # one torchrun job at a time (tests/test_distributed.py)
 @pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
 def test_on_policy_under_torchrun_two_processes(tiny_teacher, cli_env):
     "Two gloo ranks drawing on-policy micro-batches (each from its own RNG) train to the end without a hang."

@@ -99,6 +99,7 @@ def _run_server(command: str, cwd: Path, env: dict, log: Path):
 
 
 @pytest.mark.slow  # about 2 minutes on an idle 2-core CPU (5.7 min with the cores shared)
+@pytest.mark.xdist_group('torchrun')  # it runs the README's torchrun command: one torchrun job at a time
 def test_readme_commands_run(tmp_path):
     venv = Path(sys.prefix)
     if venv == Path(sys.base_prefix) or not (venv / 'bin' / 'papermill').exists():
