@@ -681,6 +681,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kd_lib.real.seed_table': ('real.html#seed_table', 'kd_lib/real.py'),
                              'kd_lib.real.split_overrides': ('real.html#split_overrides', 'kd_lib/real.py'),
                              'kd_lib.real.student_configs': ('real.html#student_configs', 'kd_lib/real.py'),
+                             'kd_lib.real.student_run_name': ('real.html#student_run_name', 'kd_lib/real.py'),
                              'kd_lib.real.summarize_first_calls': ('real.html#summarize_first_calls', 'kd_lib/real.py'),
                              'kd_lib.real.teacher_forced_metrics': ('real.html#teacher_forced_metrics', 'kd_lib/real.py'),
                              'kd_lib.real.tool_menu': ('real.html#tool_menu', 'kd_lib/real.py'),

@@ -8,8 +8,9 @@ __all__ = ['STOP_TEXTS', 'PROJECT_ROOT', 'REAL_CONFIG', 'STUDENT_ORDER', 'MODEL_
            'ON_POLICY_ARMS', 'convert_to_hf_folder', 'tool_menu', 'with_tool_menu', 'write_real_corpus',
            'first_call_prompts', 'generate_first_call', 'score_first_call', 'summarize_first_calls',
            'reference_logprobs', 'teacher_forced_metrics', 'evaluate_chat_model', 'RealPlan', 'split_overrides',
-           'needs_second_seed', 'student_configs', 'best_student', 'export_best', 'results_table', 'seed_table',
-           'plot_curves', 'on_policy_results', 'write_on_policy_report', 'write_real_results', 'run_real_pipeline']
+           'needs_second_seed', 'student_configs', 'student_run_name', 'best_student', 'export_best', 'results_table',
+           'seed_table', 'plot_curves', 'on_policy_results', 'write_on_policy_report', 'write_real_results',
+           'run_real_pipeline']
 
 # %% ../nbs/88_real.ipynb #247771fe
 import json
@@ -235,7 +236,7 @@ REAL_CONFIG = PROJECT_ROOT / 'configs' / 'real_cpu.yaml'
 
 @dataclass(frozen=True)
 class RealPlan:
-    "Sizes of the real run (`real.*` overrides); the defaults are the measured run (`make real`, about 45 minutes on 2 CPU cores)."
+    "Sizes of the real run (`real.*` overrides); the defaults are the measured run (`make real`, about 20 minutes on 2 quiet CPU cores)."
     teacher_source: str = 'models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' # GGUF file or HF folder (relative: to the project root)
     train_rows: int = 400 # training conversations
     eval_rows: int = 40 # held-out conversations
@@ -347,14 +348,17 @@ def _stage_record(run_dir: Path, name: str) -> dict:
     path = run_dir / 'stages' / f'{name}.json'
     return json.loads(path.read_text()) if path.is_file() else {}
 
+def student_run_name(student: str, seed: int) -> str:
+    "The folder (and stage) name of a student trained with `seed`: seed 0 has no suffix."
+    return f'{student}_seed{seed}' if seed else student
+
 def _student_stages(run_dir: Path, plan: RealPlan, overrides: list, seed: int, names=('ce', 'kd', 'kd_random')) -> list:
     "Training and evaluation stages of the students of one seed."
-    suffix = f'_seed{seed}' if seed else ''
     stages = []
     for name in names:
-        run = run_dir / f'{name}{suffix}'
-        stages.append(Stage(f'{name}{suffix}', fn=lambda d, name=name, run=run: _train(student_configs(d, plan, overrides, seed)[name], run, d / 'teacher_hf')))
-        stages.append(Stage(f'eval_{name}{suffix}', fn=lambda d, name=name, run=run: _evaluate(d, run.name, run / 'final', plan, overrides)))
+        run = run_dir / student_run_name(name, seed)
+        stages.append(Stage(run.name, fn=lambda d, name=name, run=run: _train(student_configs(d, plan, overrides, seed)[name], run, d / 'teacher_hf')))
+        stages.append(Stage(f'eval_{run.name}', fn=lambda d, name=name, run=run: _evaluate(d, run.name, run / 'final', plan, overrides)))
     return stages
 
 def _on_policy_stages(run_dir: Path, plan: RealPlan, overrides: list) -> list:
@@ -468,7 +472,7 @@ def on_policy_results(run_dir, # the run folder
     evals, results = _evals(run_dir), []
     for seed in range(seeds):
         for arm, student in ON_POLICY_ARMS.items():
-            name = f"{student}{f'_seed{seed}' if seed else ''}"
+            name = student_run_name(student, seed)
             train, e = read_metrics(run_dir / name, split='train', latest_only=True), evals[name]
             results.append({'student': arm, 'seed': seed, 'steps': train[-1]['step'], 'episodes': e['rows'],
                             **{k: e[k] for k in ('tool_name_accuracy', 'json_validity', 'kl_to_teacher')},

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from kd_lib.cli import main
 from kd_lib.dataset import CHATML_TEMPLATE
-from kd_lib.real import MODEL_ROWS, run_real_pipeline, tool_menu
+from kd_lib.real import MODEL_ROWS, run_real_pipeline, student_run_name, tool_menu
 from kd_lib.synth import generate_episodes
 from kd_lib.tracing import read_metrics
 
@@ -64,7 +64,7 @@ def test_real_pipeline_tiny(tmp_path):
     per_seed = (run / 'on_policy.md').read_text().split('| student | seed |')[1]
     for arm, student in (('off_policy', 'kd'), ('on_policy', 'kd_on_policy')):
         for seed in range(3):
-            kl = evals[student + (f'_seed{seed}' if seed else '')]['kl_to_teacher']
+            kl = evals[student_run_name(student, seed)]['kl_to_teacher']
             assert f'| {arm} | {seed} |' in per_seed and f'{kl:.3f}' in per_seed.split(f'| {arm} | {seed} |')[1].splitlines()[0], (arm, seed)
     text = (run / 'results.md').read_text()
     assert '## On-policy against off-policy KD' in text and 'On-policy ' in text
