@@ -431,7 +431,9 @@ class KDDataset(torch.utils.data.Dataset):
                 np.save(tmp / f'{name}.npy', np.asarray(values, np.int64))
             report = {'path': str(self.path), 'rows': len(lines), 'skipped': sorted(skipped, key=lambda s: s['line'])}
             (tmp / 'report.json').write_text(json.dumps(report))
-            if not self.cache_path.exists(): os.replace(tmp, self.cache_path)  # else another process finished first
+            try: os.replace(tmp, self.cache_path)
+            except OSError:  # the folder exists and is not empty: another process finished first
+                if not (self.cache_path / 'report.json').is_file(): raise
         finally:
             if tmp.exists(): shutil.rmtree(tmp)
 

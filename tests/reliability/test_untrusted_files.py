@@ -70,7 +70,9 @@ def _cache_run(tmp_path, data_dir, cache) -> tuple:
     except Exception as e: return ('raised', type(e).__name__)
 
 
-def test_pickle_in_cache_files_is_refused(tmp_path, data_dir, record_property):
+def test_pickle_in_cache_files_is_refused(tmp_path, data_dir, record_property, monkeypatch):
+    # a private token cache: the shared one is memory-mapped by runs in other test processes (same data, same key)
+    monkeypatch.setenv('KD_LIB_CACHE', str(tmp_path / 'kd_lib_cache'))
     from kd_lib.dataset import KDDataset
     from kd_lib.teacher_cache import build_teacher_cache
     from kd_lib.tokenizer import load_tokenizer
@@ -90,6 +92,7 @@ def test_pickle_in_cache_files_is_refused(tmp_path, data_dir, record_property):
         assert not checkpoint_steps(tmp_path / name.replace('/', '_') / 'run' / 'checkpoints', complete_only=False)
     # the dataset's token cache (.npy files in the cache folder): an object array is a pickle; it is refused (never
     # unpickled), the cache counts as stale and is rebuilt, and the run trains
+    (ds.cache_path / 'offsets.npy').unlink()  # a new file, as a replaced one would be: open memory maps keep the old one
     np.save(ds.cache_path / 'offsets.npy', np.array([Payload(marker)], dtype=object), allow_pickle=True)
     with pytest.warns(UserWarning, match=r'offsets\.npy:0: <cache>: damaged token cache file .*; rebuilding the token cache'):
         outcomes['token_cache/offsets.npy'] = _cache_run(tmp_path / 'tokens', data, cache)
