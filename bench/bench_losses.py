@@ -17,7 +17,7 @@ default: a small real model's. The fused peak cannot go below what both paths ho
 heads and the head gradient), which a larger hidden size makes larger against the plain path's [N, V] logits, so
 `--hidden` takes several sizes and every one gets its rows.
 
-The fused chunk is the library's default (`chunk_size=0`: about `kd_lib.fused.AUTO_CHUNK_LOGITS` logits a chunk)
+The fused chunk is the library's default (`chunk_size=0`: about `kd_lib.fused.auto_chunk_logits(device)` logits a chunk)
 unless `--chunk-size` sets the tokens per chunk. A subprocess runs under an address-space limit (`--mem-limit-gb`),
 so a configuration that would not fit reports OOM instead of starving the machine; the peak ratio is then an
 upper bound (fused peak / limit). Keep `--threads 1` on a shared machine.
@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from kd_lib.fused import AUTO_CHUNK_LOGITS, fused_linear_kd_loss
+from kd_lib.fused import auto_chunk_logits, fused_linear_kd_loss
 from kd_lib.losses import generalized_jsd
 
 
@@ -114,7 +114,7 @@ def main():
         print(json.dumps(run_one(args.worker, args.tokens[0], args.vocabs[0], args.hidden[0], args.repeats, args.chunk_size,
                                  args.threads, args.dtype[0], args.device)))
         return
-    chunk = f'{args.chunk_size} tokens' if args.chunk_size else f'auto (~{AUTO_CHUNK_LOGITS} logits)'
+    chunk = f'{args.chunk_size} tokens' if args.chunk_size else f'auto (~{auto_chunk_logits(args.device)} logits)'
     print(f'generalized JSD beta=0.5, fused chunk {chunk}, median of {args.repeats} after a warm-up, '
           f'torch threads {args.threads}, limit {args.mem_limit_gb} GB per run, torch {torch.__version__}')
     if args.device == 'cuda': print(f'device {torch.cuda.get_device_name()}: peak = torch.cuda.max_memory_allocated, not ru_maxrss')

@@ -357,6 +357,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kd_lib.fused._token_chunks': ('fused.html#_token_chunks', 'kd_lib/fused.py'),
                               'kd_lib.fused._topk_kd_and_grad': ('fused.html#_topk_kd_and_grad', 'kd_lib/fused.py'),
                               'kd_lib.fused._vocab_blocks': ('fused.html#_vocab_blocks', 'kd_lib/fused.py'),
+                              'kd_lib.fused.auto_chunk_logits': ('fused.html#auto_chunk_logits', 'kd_lib/fused.py'),
                               'kd_lib.fused.divergence_grad': ('fused.html#divergence_grad', 'kd_lib/fused.py'),
                               'kd_lib.fused.fused_linear_kd_loss': ('fused.html#fused_linear_kd_loss', 'kd_lib/fused.py'),
                               'kd_lib.fused.kd_ce_loss': ('fused.html#kd_ce_loss', 'kd_lib/fused.py'),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .fused import resolve_chunk_size
+from .fused import AUTO_CHUNK_LOGITS_CUDA, resolve_chunk_size
 from .models import StudentLM, count_parameters, mlp_hidden_size, read_model_config
 
 # %% ../nbs/42_plan.ipynb #cf6a698a
@@ -47,7 +47,7 @@ def activation_bytes(cfg: Config, # the run's config: model, training.batch_size
     m, tokens = cfg.model, cfg.training.batch_size * cfg.data.max_length
     layer = activation_bytes_per_token_layer(m)
     blocks = tokens * (m.n_layers * 4 * m.d_model + layer) if checkpointing else tokens * m.n_layers * layer
-    chunk = min(tokens, resolve_chunk_size(cfg.distillation.chunk_size, m.vocab_size))
+    chunk = min(tokens, resolve_chunk_size(cfg.distillation.chunk_size, m.vocab_size, AUTO_CHUNK_LOGITS_CUDA))
     loss = 16 * chunk * m.vocab_size + 4 * tokens * m.d_model if cfg.distillation.fused else 16 * tokens * m.vocab_size
     return blocks + loss
 
