@@ -3,7 +3,8 @@
 #   1. every `#| cuda` notebook cell (nbdev-test --flags cuda, only the notebooks that have one) and the `cuda` tests of
 #      tests/test_gpu.py (bf16 KD with on-policy steps and exact resume, HF teacher + pruned HF student, FSDP2 over NCCL)
 #   2. one bf16 step of every stage against fp32 (bench/gpu_stage_steps.py)
-#   3. fused vs plain KD loss at vocabulary 128k: peak torch.cuda.max_memory_allocated and time (bench/bench_losses.py)
+#   3. fused vs plain KD loss at vocabulary 128k: peak torch.cuda.max_memory_allocated and time (bench/bench_losses.py),
+#      with the auto chunk (CUDA: up to 2048 tokens at this vocabulary) and with the CPU's 32-token chunk
 # Usage: bench/gpu_check.sh        (from anywhere; PYTHON=... picks the interpreter, default .venv/bin/python, and
 #                                  NBDEV_TEST=... the nbdev-test command, default the one beside it)
 set -euo pipefail
@@ -30,5 +31,7 @@ check "cuda tests (tests/test_gpu.py)" "$PY" -m pytest -q -m cuda tests/test_gpu
 check "one bf16 step of every stage vs fp32" "$PY" bench/gpu_stage_steps.py --device cuda
 check "fused vs plain KD loss at vocabulary 128k (bf16 inputs)" \
     "$PY" bench/bench_losses.py --device cuda --dtype bf16 --hidden 4096 --vocabs 131072 --tokens 4096 16384 --repeats 3
+check "fused KD loss with the CPU's auto chunk (32 tokens at vocabulary 128k)" \
+    "$PY" bench/bench_losses.py --device cuda --dtype bf16 --hidden 4096 --vocabs 131072 --tokens 16384 --repeats 3 --chunk-size 32
 if [ ${#failed[@]} -gt 0 ]; then printf 'gpu_check.sh: FAILED: %s\n' "${failed[@]}" >&2; exit 1; fi
 echo "gpu_check.sh: all GPU checks passed"
