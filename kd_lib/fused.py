@@ -20,12 +20,13 @@ AUTO_CHUNK_LOGITS = 2 ** 22  # chunk_size=0 on CPU / MPS: one [chunk, V] fp32 bu
 AUTO_CHUNK_LOGITS_CUDA = 2 ** 28  # on CUDA at most ~1 GB a buffer: fewer, larger matmuls
 
 def auto_chunk_logits(device=None, # where the loss runs
-                      free_bytes: int | None = None, # free accelerator memory (default: asked of CUDA)
+                      memory_bytes: int | None = None, # the GPU's memory (default: its total, from CUDA)
                      ) -> int: # logits one [chunk, V] buffer may hold
-    "The auto chunk's logit budget: `AUTO_CHUNK_LOGITS`, or on CUDA up to `AUTO_CHUNK_LOGITS_CUDA` within 1/8 of the free memory."
+    "The auto chunk's logit budget: `AUTO_CHUNK_LOGITS`, or on CUDA up to `AUTO_CHUNK_LOGITS_CUDA` within 1/16 of the GPU's memory."
     if device is None or torch.device(device).type != 'cuda': return AUTO_CHUNK_LOGITS
-    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-    return min(AUTO_CHUNK_LOGITS_CUDA, max(AUTO_CHUNK_LOGITS, free // 128))  # four fp32 buffers: 16 bytes a logit
+    # the total, not the free memory: the chunk (and with it the summation order) stays the same at every step and after a resume
+    total = torch.cuda.get_device_properties(device).total_memory if memory_bytes is None else memory_bytes
+    return min(AUTO_CHUNK_LOGITS_CUDA, max(AUTO_CHUNK_LOGITS, total // 256))  # four fp32 buffers: 16 bytes a logit
 
 def resolve_chunk_size(chunk_size: int, # tokens per chunk; 0: auto from the vocabulary
                        vocab: int, # vocabulary size V
